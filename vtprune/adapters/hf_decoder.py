@@ -1,0 +1,392 @@
+"""Cuts inside a transformers decoder language model (Llama, Qwen2, ...), shared by the family adapters.
+
+The language model is never forked. Forward pre-hooks on the language model and on its decoder layers:
+- at prefill, apply the method's `pre_llm` cut to the input embeddings and its `llm_layer` cuts between layers;
+- keep, per *segment* of layers between two cuts, the prompt's attention mask, positions and a position offset, so
+  that while decoding each layer gets a mask as long as its own cache and the positions the method asked for.
+
+Positions: "renumber" gives kept tokens contiguous positions (a token moves back by the number of visual tokens dropped
+before it); "original" keeps every token's position, leaving gaps. Decoding continues, per segment, at the incoming
+position minus the segment's offset (the number of tokens renumbering removed before it).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .. import kernels
+from ..core.attention import attention_rows
+from ..core.errors import VTPruneError
+from ..core.layout import VisualLayout
+from ..core.method import SiteContext
+from ..core.plan import KeepPlan
+from ..core.session import ForwardRecord, SiteRecord
+from ..core.signals import QueryAttention
+
+if TYPE_CHECKING:
+    from ..core.adapter import Adapter
+    from ..core.method import Method
+    from ..core.session import Trace
+
+
+@dataclass
+class Segment:
+    """Decoder layers `start ..` up to the next cut, which all see the same sequence (and cache length)."""
+
+    start: int
+    mask2d: Tensor  # [B, L_s] the prompt's padding mask as this segment sees it
+    positions: Tensor  # [B, L_s] (or [P, B, L_s]) prompt positions
+    offset: Tensor  # [B] subtracted from incoming positions while decoding
+    attention_mask: Any = None  # the layer mask for the current call
+    position_embeddings: Any = None  # (cos, sin) for the current call
+
+
+@dataclass
+class PrefillState:
+    prompt_len: int  # length of the prompt as the caller sees it (before any cut)
+    segments: list[Segment]
+    layout: VisualLayout  # visual tokens of the current sequence
+    record: ForwardRecord
+    decoded: int = 0  # tokens appended after the prompt so far
+    signals: dict[Any, Any] = field(default_factory=dict)
+    method_state: dict[str, Any] = field(default_factory=dict)
+    stage: int = 0
+    call_mask: Tensor | None = None  # incoming 2-D mask of the current continuation call
+    call_positions: Tensor | None = None  # incoming positions of the current continuation call
+
+
+def _kwarg(args: tuple, kwargs: dict, name: str, index: int) -> Any:
+    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
+
+
+class DecoderCutter:
+    """Applies a method's `pre_llm` and `llm_layer` cuts to one decoder language model."""
+
+    def __init__(self, adapter: "Adapter", language_model: nn.Module) -> None:
+        self.adapter = adapter
+        self.lm = language_model
+        self.layers: nn.ModuleList = language_model.layers
+        self.state: PrefillState | None = None
+
+    # ----------------------------------------------------------------------------------------------- attaching
+    def attach(self, method: "Method", trace: "Trace", queries: list[QueryAttention]) -> None:
+        self.method, self.trace, self.state = method, trace, None
+        n_layers = len(self.layers)
+        self.cuts = method.cut_layers(self.adapter.info) if "llm_layer" in method.sites else []
+        for layer in self.cuts:
+            if not 1 <= layer < n_layers:
+                raise VTPruneError(
+                    f"method {method.name!r} cuts before decoder layer {layer}, but the language model has layers "
+                    f"0..{n_layers - 1}; a cut must sit between two layers (1..{n_layers - 1})"
+                )
+        if self.cuts != sorted(set(self.cuts)):
+            raise VTPruneError(f"method {method.name!r} gave cut layers {self.cuts}; they must be ascending, unique")
+        self.queries: dict[int, list[QueryAttention]] = {}
+        for request in queries:
+            if not 0 <= request.layer < n_layers:
+                raise VTPruneError(f"QueryAttention at layer {request.layer}: the model has layers 0..{n_layers - 1}")
+            if self.cuts and request.layer > self.cuts[-1]:
+                raise VTPruneError(f"QueryAttention at layer {request.layer} comes after the last cut {self.cuts[-1]}")
+            if request.queries not in ("last", "after_visual", "text"):
+                raise VTPruneError(f"QueryAttention queries={request.queries!r}: use 'last', 'after_visual' or 'text'")
+            self.queries.setdefault(request.layer, []).append(request)
+        self.adapter.hook(self.lm, self._on_language_model)
+        first_hooked = min([*self.cuts, *self.queries], default=n_layers)
+        for index in range(first_hooked, n_layers):
+            self.adapter.hook(self.layers[index], self._layer_hook(index))
+        self.adapter.on_detach(self._reset)
+
+    def _reset(self) -> None:
+        self.state = None
+
+    # ------------------------------------------------------------------------------------- language model input
+    def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise VTPruneError("vtprune expects the language model to be called with inputs_embeds")
+        cache_key = "cache" if "cache" in kwargs else "past_key_values"
+        cache = kwargs.get(cache_key)
+        past = cache.get_seq_length() if cache is not None else 0
+        batch, length = embeds.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise VTPruneError("vtprune needs a 2-D attention mask (batch, length), not a prepared 4-D mask")
+        positions = kwargs.get("position_ids")
+        if past == 0:
+            layout = self.adapter.take_layout(batch, length)
+            if mask is None:
+                mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+            if positions is None:
+                positions = torch.arange(length, device=embeds.device)
+            positions = self._expand_positions(positions, batch)
+            segment = Segment(0, mask, positions, torch.zeros(batch, dtype=torch.long, device=embeds.device))
+            state = PrefillState(length, [segment], layout, ForwardRecord(layout=layout))
+            self.state = state
+            self.trace.forwards.append(state.record)
+            if "pre_llm" in self.method.sites and layout.num_images:
+                ctx = self._context("pre_llm", embeds, None, self.adapter.vision_signals(layout))
+                embeds, segment = self._cut(ctx, embeds, segment, start=0)
+                state.segments = [segment]
+            kwargs.update(inputs_embeds=embeds, attention_mask=segment.mask2d, position_ids=segment.positions)
+            return args, kwargs
+
+        state = self._continuation_state()
+        query = embeds.shape[1]
+        if mask is None:
+            mask = torch.ones(batch, state.prompt_len + state.decoded + query, dtype=torch.long, device=embeds.device)
+        if positions is None:
+            positions = torch.arange(query, device=embeds.device) + state.prompt_len + state.decoded
+        state.call_mask = mask
+        state.call_positions = self._expand_positions(positions, batch)
+        state.decoded += query
+        first = state.segments[0]
+        kwargs.update(
+            attention_mask=self._continuation_mask(first, mask),
+            position_ids=self._shift(state.call_positions, first.offset),
+        )
+        return args, kwargs
+
+    def _continuation_state(self) -> PrefillState:
+        if self.state is None:
+            raise VTPruneError(
+                "this call continues a cache that was not prefilled inside the same `with method(model)` block; "
+                "run the prefill (or generate) inside it"
+            )
+        return self.state
+
+    # ---------------------------------------------------------------------------------------- decoder layers
+    def _layer_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            state = self.state
+            if state is None:
+                return args, kwargs
+            hidden = _kwarg(args, kwargs, "hidden_states", 0)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            segment = next(s for s in reversed(state.segments) if s.start <= index)
+            prefill = state.call_mask is None
+            if not prefill and segment.start == index and index > 0:
+                self._prepare_continuation(segment, hidden, cache)
+            if segment.start > 0:
+                kwargs = self._with_segment(kwargs, segment)
+            if prefill:
+                for request in self.queries.get(index, []):
+                    state.signals[request] = self._query_attention(module, hidden, kwargs, segment, request)
+                if index in self.cuts:
+                    ctx = self._context("llm_layer", hidden, index, dict(state.signals))
+                    hidden, new_segment = self._cut(ctx, hidden, segment, start=index)
+                    self._prepare_prefill(new_segment, hidden, cache)
+                    state.segments.append(new_segment)
+                    kwargs = self._with_segment(kwargs, new_segment)
+                    if args:
+                        args = (hidden, *args[1:])
+                    else:
+                        kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    def _with_segment(self, kwargs: dict, segment: Segment) -> dict:
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = segment.attention_mask
+        kwargs["position_embeddings"] = segment.position_embeddings
+        if "position_ids" in kwargs:
+            kwargs["position_ids"] = None
+        return kwargs
+
+    def _layer_mask(self, hidden: Tensor, mask2d: Tensor, cache: Any, positions: Tensor, layer: int) -> Any:
+        layer_types = getattr(self.lm.config, "layer_types", None)
+        sliding = layer_types is not None and layer_types[layer] == "sliding_attention"
+        build = create_sliding_window_causal_mask if sliding else create_causal_mask
+        return build(
+            config=self.lm.config,
+            inputs_embeds=hidden,
+            attention_mask=mask2d,
+            cache=cache,
+            position_ids=positions,
+            layer_idx=layer,
+        )
+
+    def _prepare_prefill(self, segment: Segment, hidden: Tensor, cache: Any) -> None:
+        segment.position_embeddings = self.rotary(hidden, segment.positions)
+        segment.attention_mask = self._layer_mask(hidden, segment.mask2d, cache, segment.positions, segment.start)
+
+    def _prepare_continuation(self, segment: Segment, hidden: Tensor, cache: Any) -> None:
+        state = self.state
+        mask2d = self._continuation_mask(segment, state.call_mask)
+        positions = self._shift(state.call_positions, segment.offset)
+        segment.position_embeddings = self.rotary(hidden, positions)
+        segment.attention_mask = self._layer_mask(hidden, mask2d, cache, positions, segment.start)
+
+    def _continuation_mask(self, segment: Segment, call_mask: Tensor) -> Tensor:
+        new = call_mask[:, self.state.prompt_len :].to(segment.mask2d.dtype)
+        return torch.cat([segment.mask2d, new], dim=1)
+
+    # --------------------------------------------------------------------------------------------- the cut
+    def _context(self, site: str, hidden: Tensor, layer: int | None, signals: dict) -> SiteContext:
+        state = self.state
+        ctx = SiteContext(
+            site=site,
+            layout=state.layout,
+            signals=signals,
+            info=self.adapter.info,
+            hidden_states=hidden,
+            layer=layer,
+            stage=state.stage,
+            state=state.method_state,
+        )
+        state.stage += 1
+        return ctx
+
+    def _cut(self, ctx: SiteContext, hidden: Tensor, segment: Segment, start: int) -> tuple[Tensor, Segment]:
+        """Plan with the method, then merge and compact the sequence. Returns the new hidden states and segment."""
+        state, layout = self.state, ctx.layout
+        with torch.no_grad():
+            plan = self.method.plan(ctx)
+        plan.validate(layout)
+        self._record(ctx, plan)
+        device = hidden.device
+        if any(plan.merges):
+            hidden = self._merge(hidden, plan, layout)
+        keep = plan.keep_positions(layout)
+        index, valid = kernels.left_padded_index(keep, device)
+        hidden, positions, mask2d = kernels.compact_sequence(hidden, segment.positions, segment.mask2d, index, valid)
+        offset = segment.offset
+        if self.method.position_mode(ctx) == "renumber":
+            dropped = torch.ones(layout.batch_size, layout.seq_len, dtype=torch.long)
+            for b in range(layout.batch_size):
+                dropped[b, keep[b]] = 0
+            dropped_before = (dropped.cumsum(1) - dropped).to(device)  # visual tokens dropped before each position
+            shift = kernels.gather_sequence(dropped_before, index, valid, dim=1)
+            positions = self.renumber(positions, shift, valid)
+            offset = offset + dropped.sum(1).to(device)
+        new_length = index.shape[1]
+        new_position = []
+        for b in range(layout.batch_size):
+            lookup = torch.zeros(layout.seq_len, dtype=torch.long)
+            lookup[keep[b]] = torch.arange(keep[b].numel()) + (new_length - keep[b].numel())
+            new_position.append(lookup)
+        state.layout = layout.after_keep(plan.keep, new_position, new_length)
+        return hidden, Segment(start, mask2d, positions, offset)
+
+    def renumber(self, positions: Tensor, shift: Tensor, valid: Tensor) -> Tensor:
+        """Positions after a renumbering cut: each token moves back by the visual tokens dropped before it."""
+        return (positions - shift).masked_fill(~valid, 0)
+
+    def _merge(self, hidden: Tensor, plan: KeepPlan, layout: VisualLayout) -> Tensor:
+        batch, slot, sources, weights, counts = [], [], [], [], []
+        for b, merges in enumerate(plan.merges):
+            positions = layout.visual_positions(b)
+            for merge in merges:
+                batch.append(b)
+                slot.append(int(positions[merge.slot]))
+                sources.append(positions[merge.sources.cpu()])
+                weights.append(merge.weights.float().cpu())
+                counts.append(merge.sources.numel())
+        device = hidden.device
+        offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
+        offsets[1:] = torch.tensor(counts).cumsum(0)
+        return kernels.merge_tokens(
+            hidden,
+            torch.tensor(batch, device=device),
+            torch.tensor(slot, device=device),
+            offsets.to(device),
+            torch.cat(sources).to(device),
+            torch.cat(weights).to(device),
+        )
+
+    def _record(self, ctx: SiteContext, plan: KeepPlan) -> None:
+        layout = ctx.layout
+        for b in range(layout.batch_size):
+            original = layout.original_ordinal[b]
+            merged = [
+                {
+                    "slot": int(original[m.slot]),
+                    "sources": original[m.sources.cpu()].tolist(),
+                    "weights": m.weights.float().cpu().tolist(),
+                }
+                for m in (plan.merges[b] if plan.merges else [])
+            ]
+            self.state.record.sites.append(
+                SiteRecord(
+                    site=ctx.site,
+                    layer=ctx.layer,
+                    sample=b,
+                    before=original.clone(),
+                    kept=original[plan.keep[b].cpu()],
+                    scores=plan.scores[b] if plan.scores is not None else None,
+                    merged=merged,
+                )
+            )
+
+    # ------------------------------------------------------------------------------------------ positions
+    def rotary(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return self.lm.rotary_emb(hidden, positions)
+
+    @staticmethod
+    def _expand_positions(positions: Tensor, batch: int) -> Tensor:
+        if positions.dim() == 1:
+            positions = positions[None]
+        return positions.expand(*positions.shape[:-2], batch, positions.shape[-1]) if positions.shape[-2] != batch else positions
+
+    @staticmethod
+    def _shift(positions: Tensor, offset: Tensor) -> Tensor:
+        return positions - offset[:, None]
+
+    # -------------------------------------------------------------------------------- query attention signal
+    def _query_rows(self, request: QueryAttention, sample: int, mask2d: Tensor) -> Tensor:
+        layout = self.state.layout
+        valid = mask2d[sample].bool().cpu()
+        visual = torch.zeros_like(valid)
+        visual[layout.visual_positions(sample)] = True
+        if request.queries == "last":
+            rows = valid.nonzero()[-1:, 0]
+        elif request.queries == "after_visual":
+            last_visual = int(layout.visual_positions(sample).max()) if visual.any() else -1
+            after = torch.zeros_like(valid)
+            after[last_visual + 1 :] = True
+            rows = (after & valid).nonzero()[:, 0]
+        else:
+            rows = (valid & ~visual).nonzero()[:, 0]
+        return rows
+
+    def _query_attention(
+        self, layer: nn.Module, hidden: Tensor, kwargs: dict, segment: Segment, request: QueryAttention
+    ) -> list[Tensor]:
+        """[heads, queries, L] per sample: softmax rows of `layer` recomputed from its q/k (with RoPE)."""
+        attn = layer.self_attn
+        cos, sin = kwargs["position_embeddings"]
+        mask2d = segment.mask2d
+        out = []
+        with torch.no_grad():
+            x = layer.input_layernorm(hidden)  # [B, L, D]
+            for b in range(hidden.shape[0]):
+                rows = self._query_rows(request, b, mask2d).to(hidden.device)
+                q = self._project(attn, attn.q_proj, x[b : b + 1, rows], "q_norm")  # [1, H, Q, d]
+                k = self._project(attn, attn.k_proj, x[b : b + 1], "k_norm")  # [1, H_kv, L, d]
+                q = self.rotate(attn, q, cos[b : b + 1, rows] if cos.dim() == 3 else cos[:, b : b + 1, rows],
+                                sin[b : b + 1, rows] if sin.dim() == 3 else sin[:, b : b + 1, rows])
+                k = self.rotate(attn, k, cos[b : b + 1] if cos.dim() == 3 else cos[:, b : b + 1],
+                                sin[b : b + 1] if sin.dim() == 3 else sin[:, b : b + 1])
+                probs = attention_rows(q, k, attn.scaling, key_mask=mask2d[b : b + 1].bool(), query_positions=rows[None])
+                out.append(probs[0])
+        return out
+
+    @staticmethod
+    def _project(attn: nn.Module, proj: nn.Module, x: Tensor, norm_name: str) -> Tensor:
+        states = proj(x).view(x.shape[0], x.shape[1], -1, attn.head_dim)
+        norm = getattr(attn, norm_name, None)
+        if norm is not None:
+            states = norm(states)
+        return states.transpose(1, 2)
+
+    def rotate(self, attn: nn.Module, states: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Apply the language model's own RoPE to q or k [B, H, n, d]."""
+        modeling = sys.modules[type(attn).__module__]
+        rotated, _ = modeling.apply_rotary_pos_emb(states, states, cos, sin)
+        return rotated

@@ -1,0 +1,91 @@
+"""Adapters hook methods into one model family. This base class owns hook bookkeeping and restoring the model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from torch import nn
+
+from .errors import UnsupportedModelError, UnsupportedSignalError
+from .signals import ModelInfo
+
+if TYPE_CHECKING:
+    from .method import Method
+    from .session import Trace
+
+
+class Adapter(ABC):
+    family: ClassVar[str] = ""
+    sites: ClassVar[frozenset[str]] = frozenset()
+    signals: ClassVar[frozenset[type]] = frozenset()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._handles: list[Any] = []
+        self._restores: list[Callable[[], None]] = []
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """True if this adapter handles `model`."""
+
+    @property
+    @abstractmethod
+    def info(self) -> ModelInfo:
+        """What methods may know about the model."""
+
+    @abstractmethod
+    def attach(self, method: "Method", trace: "Trace") -> None:
+        """Install the hooks that apply `method`, recording into `trace`."""
+
+    def check(self, method: "Method") -> None:
+        """Refuse, before anything is attached, a method whose sites or signals this adapter lacks."""
+        for site in method.sites:
+            if site not in self.sites:
+                raise UnsupportedSignalError(
+                    f"method {method.name!r} cuts at site {site!r}, which the {self.family} adapter does not offer "
+                    f"(it offers: {', '.join(sorted(self.sites))})"
+                )
+        for request in method.requests(self.info):
+            if type(request) not in self.signals:
+                raise UnsupportedSignalError(
+                    f"method {method.name!r} needs the signal {type(request).__name__}, which the {self.family} "
+                    f"adapter cannot provide (it provides: {', '.join(sorted(s.__name__ for s in self.signals))})"
+                )
+
+    def hook(self, module: nn.Module, fn: Callable, *, pre: bool = True) -> None:
+        """Register a forward (pre-)hook with kwargs, removed again by `detach`."""
+        if pre:
+            handle = module.register_forward_pre_hook(fn, with_kwargs=True)
+        else:
+            handle = module.register_forward_hook(fn, with_kwargs=True)
+        self._handles.append(handle)
+
+    def on_detach(self, restore: Callable[[], None]) -> None:
+        self._restores.append(restore)
+
+    def detach(self) -> None:
+        """Remove every hook and undo every change, leaving the model as it was."""
+        while self._handles:
+            self._handles.pop().remove()
+        while self._restores:
+            self._restores.pop()()
+
+
+_ADAPTERS: list[type[Adapter]] = []
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    _ADAPTERS.append(cls)
+    return cls
+
+
+def adapter_for(model: Any) -> type[Adapter]:
+    for cls in _ADAPTERS:
+        if cls.matches(model):
+            return cls
+    families = ", ".join(sorted({c.family for c in _ADAPTERS}))
+    raise UnsupportedModelError(
+        f"vtprune has no adapter for {type(model).__name__}; supported families: {families}"
+    )

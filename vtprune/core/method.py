@@ -1,0 +1,109 @@
+"""Methods (scorers): small classes that decide which visual tokens to keep. They know tensors, not models."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor
+
+from .budget import check_keep
+from .errors import VTPruneError
+from .layout import VisualLayout
+from .plan import KeepPlan
+from .signals import ModelInfo
+
+if TYPE_CHECKING:
+    from .session import Session
+
+SITES = ("pre_llm", "llm_layer", "kv_cache", "encoder")
+
+
+@dataclass
+class SiteContext:
+    """Everything a method sees at one cut."""
+
+    site: str  # "pre_llm" | "llm_layer" | ...
+    layout: VisualLayout  # visual tokens of the current sequence
+    signals: dict[Any, Any]  # request -> value, for the requests the method made
+    info: ModelInfo
+    hidden_states: Tensor | None = None  # [B, L, D] the sequence at the site (LLM input or hidden states)
+    layer: int | None = None  # llm_layer: the cut sits right before this decoder layer (0-based)
+    stage: int = 0  # index of this cut among the method's cuts in this forward
+    state: dict[str, Any] = field(default_factory=dict)  # scratch space shared by the cuts of one forward
+
+
+class Method(ABC):
+    """Base class. Subclasses are dataclasses whose fields are the method's options.
+
+    `with method(model) as trace:` attaches the method to a supported model through its adapter.
+    """
+
+    name: ClassVar[str] = ""
+    sites: ClassVar[tuple[str, ...]] = ("pre_llm",)
+    positions: ClassVar[str] = "renumber"  # "renumber": kept tokens get contiguous positions; "original": keep theirs
+
+    def __post_init__(self) -> None:
+        if hasattr(self, "keep"):
+            check_keep(self.keep)
+
+    def requests(self, info: ModelInfo) -> list[Any]:
+        """Signals this method needs (see `vtprune.core.signals`)."""
+        return []
+
+    def cut_layers(self, info: ModelInfo) -> list[int]:
+        """For the llm_layer site: the decoder layers (0-based) before which a cut happens, ascending."""
+        return []
+
+    def position_mode(self, ctx: SiteContext) -> str:
+        return self.positions
+
+    @abstractmethod
+    def plan(self, ctx: SiteContext) -> KeepPlan:
+        """Decide what to keep at this cut."""
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+    def __call__(self, model: Any) -> "Session":
+        from .session import Session
+
+        return Session(self, model)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"vtprune.make({self.name!r}{', ' if opts else ''}{opts})"
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available to `vtprune.make(cls.name)`."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a `name`")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names of the registered methods."""
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _METHODS:
+        raise VTPruneError(f"unknown method {name!r}; available: {', '.join(available())}")
+    return _METHODS[name]
+
+
+def make(name: str, **options: Any) -> Method:
+    """Build a registered method with its options, e.g. `make("vtc-cls", keep=64, start_layer=16)`."""
+    cls = method_class(name)
+    known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise VTPruneError(f"method {name!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(known))}")
+    return cls(**options)

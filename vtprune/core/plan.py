@@ -1,0 +1,77 @@
+"""The keep plan: what a method decides at a site, in terms of visual ordinals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import VTPruneError
+from .layout import VisualLayout
+
+
+@dataclass
+class Merge:
+    """A token made from several visual tokens: it takes the slot of `slot` and the value sum(weights * sources).
+
+    All three are visual ordinals of one sample at the site. `slot` must be among the kept ordinals.
+    """
+
+    slot: int
+    sources: Tensor  # [m] long
+    weights: Tensor  # [m] float
+
+
+@dataclass
+class KeepPlan:
+    """Per sample, the visual ordinals kept (ascending), optional scores and merges."""
+
+    keep: list[Tensor]
+    scores: list[Tensor] | None = None  # per sample: [n_visual] score of every visual token (trace, heatmaps)
+    merges: list[list[Merge]] = field(default_factory=list)  # per sample (empty list: no merges)
+
+    def validate(self, layout: VisualLayout) -> None:
+        if len(self.keep) != layout.batch_size:
+            raise VTPruneError(f"plan has {len(self.keep)} samples, the batch has {layout.batch_size}")
+        for b, kept in enumerate(self.keep):
+            n = layout.num_visual(b)
+            if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= n):
+                raise VTPruneError(f"plan keeps ordinals outside 0..{n - 1} in sample {b}")
+            if kept.numel() > 1 and not bool((kept[1:] > kept[:-1]).all()):
+                raise VTPruneError(f"plan's kept ordinals of sample {b} are not strictly ascending")
+        for b, merges in enumerate(self.merges):
+            kept = set(self.keep[b].tolist())
+            for merge in merges:
+                if merge.slot not in kept:
+                    raise VTPruneError(f"merge slot {merge.slot} of sample {b} is not a kept token")
+
+    def keep_positions(self, layout: VisualLayout) -> list[Tensor]:
+        """Per sample, the sorted sequence positions to keep: every non-visual position plus the kept visual ones."""
+        out = []
+        for b in range(layout.batch_size):
+            keep = torch.ones(layout.seq_len, dtype=torch.bool)
+            visual = layout.visual_positions(b)
+            keep[visual] = False
+            keep[visual[self.keep[b].cpu()]] = True
+            out.append(keep.nonzero().squeeze(1))
+        return out
+
+
+def top_k(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest scores, ascending. Ties go to the lower index (stable), on any device."""
+    order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def keep_all(layout: VisualLayout) -> KeepPlan:
+    return KeepPlan(keep=[torch.arange(layout.num_visual(b)) for b in range(layout.batch_size)])
+
+
+def per_image(layout: VisualLayout, scores: list[Tensor], count: "callable") -> KeepPlan:
+    """Top-`count(span, n)` tokens of every span by `scores[b]` (one score per visual ordinal of sample b)."""
+    keep = []
+    for b in range(layout.batch_size):
+        kept = [top_k(scores[b][sl], count(span, span.length)) + sl.start for span, sl in layout.ordinal_slices(b)]
+        keep.append(torch.cat(kept).cpu() if kept else torch.zeros(0, dtype=torch.long))
+    return KeepPlan(keep=keep, scores=[s.detach().float().cpu() for s in scores])

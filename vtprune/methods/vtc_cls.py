@@ -1,0 +1,54 @@
+"""VTC-CLS (Wang et al., 2024): keep the patches the vision encoder's [CLS] token attends to most.
+
+Score of patch p: sum over encoder layers `start_layer ..` (up to the layer whose output feeds the projector) of the
+head-mean [CLS] attention to p. The top-k patches of every image are kept, in raster order, before the language
+model, which then numbers the shorter sequence contiguously. `start_layer` equal to the feature layer (22 for
+LLaVA-1.5, or -2) switches the ensemble off: that is FasterVLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from ..core import ClsAttention, KeepPlan, Method, ModelInfo, SiteContext, VTPruneError, keep_count, per_image, register
+from ._scores import ordinal_scores
+
+
+def vtc_cls_scores(cls_attention: Tensor) -> Tensor:
+    """[N, layers, heads, patches] [CLS] attention -> [N, patches]: mean over heads, sum over layers."""
+    return cls_attention.float().mean(dim=2).sum(dim=1)
+
+
+@register
+@dataclass
+class VTCCLS(Method):
+    name: ClassVar[str] = "vtc-cls"
+    sites: ClassVar[tuple[str, ...]] = ("pre_llm",)
+    positions: ClassVar[str] = "renumber"
+
+    keep: int | float = 64  # tokens per image (int) or ratio
+    start_layer: int = 16  # first encoder layer of the ensemble; negative counts from the end
+
+    def layers(self, info: ModelInfo) -> list[int]:
+        """Encoder layers start_layer .. feature layer (inclusive), as in the official `attentions[start:-1]`."""
+        layers = list(range(info.vision_layers))[self.start_layer : info.vision_feature_layer + 1]
+        if not layers:
+            raise VTPruneError(
+                f"start_layer={self.start_layer} selects no encoder layer; use a layer in "
+                f"0..{info.vision_feature_layer} (the feature layer) or a negative index up to -2"
+            )
+        return layers
+
+    def requests(self, info: ModelInfo) -> list[ClsAttention]:
+        if not info.vision_has_cls:
+            raise VTPruneError(f"vtc-cls needs a vision encoder with a [CLS] token; the {info.family} tower has none")
+        return [ClsAttention(layers=tuple(self.layers(info)))]
+
+    def plan(self, ctx: SiteContext) -> KeepPlan:
+        (request,) = self.requests(ctx.info)
+        image_scores = vtc_cls_scores(ctx.signals[request])
+        scores = ordinal_scores(ctx.layout, image_scores)
+        return per_image(ctx.layout, scores, lambda span, n: keep_count(self.keep, n, what=f"image {span.image}"))
