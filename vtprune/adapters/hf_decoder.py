@@ -253,13 +253,16 @@ class DecoderCutter:
         device = hidden.device
         if any(plan.merges):
             hidden = self._merge(hidden, plan, layout)
-        keep = plan.keep_positions(layout)
+        # keep text and kept visual tokens; padding is dropped too (the batch is left-padded again below)
+        real = segment.mask2d.bool().cpu()
+        keep = [positions[real[b, positions]] for b, positions in enumerate(plan.keep_positions(layout))]
         index, valid = kernels.left_padded_index(keep, device)
         hidden, positions, mask2d = kernels.compact_sequence(hidden, segment.positions, segment.mask2d, index, valid)
         offset = segment.offset
         if self.method.position_mode(ctx) == "renumber":
-            dropped = torch.ones(layout.batch_size, layout.seq_len, dtype=torch.long)
+            dropped = torch.zeros(layout.batch_size, layout.seq_len, dtype=torch.long)
             for b in range(layout.batch_size):
+                dropped[b, layout.visual_positions(b)] = 1
                 dropped[b, keep[b]] = 0
             dropped_before = (dropped.cumsum(1) - dropped).to(device)  # visual tokens dropped before each position
             shift = kernels.gather_sequence(dropped_before, index, valid, dim=1)

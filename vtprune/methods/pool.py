@@ -23,7 +23,7 @@ def pool_shape(rows: int, cols: int, budget: int) -> tuple[int, int]:
         w = min(cols, budget // h)
         if w < 1:
             break
-        key = (h * w, -abs(math.log((h / w) / (rows / cols))))
+        key = (h * w, -round(abs(math.log((h / w) / (rows / cols))), 9))
         if best is None or key > best[0]:
             best = (key, (h, w))
     return best[1]
