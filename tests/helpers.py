@@ -56,3 +56,23 @@ def hooks_of(model: nn.Module) -> int:
         for fn in table.values()
     ]
     return sum(not getattr(fn, "__module__", "").startswith("transformers.") for fn in hooks)
+
+
+def build_tiny_processor():
+    """An offline LlavaProcessor for the tiny model: word-level tokenizer (100 ids, `<image>` = 99), 32 px images."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:"] + [f"w{i}" for i in range(93)] + ["<image>"]
+    vocab = {word: i for i, word in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        padding_side="left", extra_special_tokens={"image_token": "<image>"},
+    )
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )

@@ -15,7 +15,7 @@ LLAVA15 = ModelInfo(family="llava", llm_layers=32, vision_layers=24, vision_feat
 
 @pytest.mark.parametrize(
     "start_layer, layers",
-    [(16, list(range(16, 23))), (22, [22]), (-2, [22]), (0, list(range(23))), (-5, [19, 20, 21, 22])],
+    [(None, list(range(16, 23))), (16, list(range(16, 23))), (22, [22]), (-2, [22]), (0, list(range(23))), (-5, [19, 20, 21, 22])],
 )
 def test_ensemble_layers_follow_the_official_slice(start_layer, layers):
     """`attentions[start_layer:-1]` on LLaVA-1.5's 24-layer tower: never the last layer."""

@@ -30,11 +30,13 @@ class VTCCLS(Method):
     positions: ClassVar[str] = "renumber"
 
     keep: int | float = 64  # tokens per image (int) or ratio
-    start_layer: int = 16  # first encoder layer of the ensemble; negative counts from the end
+    start_layer: int | None = None  # first encoder layer of the ensemble (negative counts from the end);
+    # None: the official default 16 of CLIP-L's 24 layers, scaled to the tower's depth
 
     def layers(self, info: ModelInfo) -> list[int]:
         """Encoder layers start_layer .. feature layer (inclusive), as in the official `attentions[start:-1]`."""
-        layers = list(range(info.vision_layers))[self.start_layer : info.vision_feature_layer + 1]
+        start = round(16 * info.vision_layers / 24) if self.start_layer is None else self.start_layer
+        layers = list(range(info.vision_layers))[start : info.vision_feature_layer + 1]
         if not layers:
             raise VTPruneError(
                 f"start_layer={self.start_layer} selects no encoder layer; use a layer in "

@@ -1,0 +1,44 @@
+"""`vtprune run` on a tiny saved model: answers, token counts, time ratio and the heatmap file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import build_tiny_llava, build_tiny_processor
+from vtprune.cli import main
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llava")
+    build_tiny_llava(seed=0).save_pretrained(folder)
+    build_tiny_processor().save_pretrained(folder)
+    return folder
+
+
+def test_run_prints_answers_counts_and_writes_heatmap(saved_model, tmp_path, capsys):
+    image = tmp_path / "scene.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype("uint8")).save(image)
+    heatmap = tmp_path / "maps" / "heat.png"
+    code = main([
+        "run", "--model", str(saved_model), "--image", str(image), "--prompt", "w1 w2 w3", "--method", "vtc-cls",
+        "--keep", "4", "--option", "start_layer=0", "--heatmap", str(heatmap), "--max-new-tokens", "3", "--repeats", "1",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "visual tokens 16 -> 4" in out
+    assert "dense answer" in out and "pruned answer" in out
+    ratio = float(out.split("prefill time")[1].split("x")[0])
+    assert ratio > 0
+    panels = Image.open(heatmap)
+    assert panels.size == (3 * 32 + 20, 32)
+
+
+def test_run_reports_bad_budget_clearly(saved_model, tmp_path, capsys):
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    code = main(["run", "--model", str(saved_model), "--image", str(image), "--prompt", "w1", "--keep", "17"])
+    assert code == 2
+    assert "keep=17 is more than the 16 visual tokens" in capsys.readouterr().err

@@ -1,0 +1,49 @@
+"""Heatmaps: the image as the model saw it, the method's scores per patch, and the tokens it kept."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+
+def model_view(image: Image.Image, side: int) -> Image.Image:
+    """Resize the shortest side to `side` and center-crop a square, as CLIP-style processors do."""
+    image = image.convert("RGB")
+    scale = side / min(image.size)
+    resized = image.resize((max(side, round(image.width * scale)), max(side, round(image.height * scale))), Image.BICUBIC)
+    left, top = (resized.width - side) // 2, (resized.height - side) // 2
+    return resized.crop((left, top, left + side, top + side))
+
+
+def heatmap(image: Image.Image, scores: Tensor, kept: Tensor, side: int = 336) -> Image.Image:
+    """Three panels side by side: the model's view, scores as a colour map (grey: unscored), kept tokens outlined.
+
+    scores: float [rows, cols] (NaN where the method gave no score); kept: bool [rows, cols].
+    """
+    view = model_view(image, side)
+    rows, cols = kept.shape
+    cell_h, cell_w = side / rows, side / cols
+    values = scores.float().numpy()
+    finite = np.isfinite(values)
+    low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 1.0)
+    normed = np.where(finite, (values - low) / (high - low + 1e-12), 0.0)
+    colours = (colormaps["inferno"](normed)[..., :3] * 255).astype(np.uint8)
+    colours[~finite] = 128
+    score_panel = Image.blend(view, Image.fromarray(colours).resize((side, side), Image.NEAREST), alpha=0.65)
+
+    kept_panel = Image.blend(view, Image.new("RGB", (side, side)), alpha=0.7)  # dropped tokens darkened
+    draw = ImageDraw.Draw(kept_panel)
+    for r in range(rows):
+        for c in range(cols):
+            if bool(kept[r, c]):
+                box = (math.floor(c * cell_w), math.floor(r * cell_h), math.ceil((c + 1) * cell_w) - 1, math.ceil((r + 1) * cell_h) - 1)
+                kept_panel.paste(view.crop((box[0], box[1], box[2] + 1, box[3] + 1)), box[:2])
+                draw.rectangle(box, outline=(0, 255, 120))
+    canvas = Image.new("RGB", (3 * side + 20, side), "white")
+    for i, panel in enumerate((view, score_panel, kept_panel)):
+        canvas.paste(panel, (i * (side + 10), 0))
+    return canvas
