@@ -35,7 +35,8 @@ class VTCCLS(Method):
 
     def layers(self, info: ModelInfo) -> list[int]:
         """Encoder layers start_layer .. feature layer (inclusive), as in the official `attentions[start:-1]`."""
-        start = round(16 * info.vision_layers / 24) if self.start_layer is None else self.start_layer
+        scaled = min(round(16 * info.vision_layers / 24), info.vision_feature_layer)
+        start = scaled if self.start_layer is None else self.start_layer
         layers = list(range(info.vision_layers))[start : info.vision_feature_layer + 1]
         if not layers:
             raise VTPruneError(
