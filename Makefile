@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/vtprune demo-run --out out/run
+	$(BIN)/vtprune example --out out/example
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

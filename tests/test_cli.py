@@ -42,3 +42,19 @@ def test_run_reports_bad_budget_clearly(saved_model, tmp_path, capsys):
     code = main(["run", "--model", str(saved_model), "--image", str(image), "--prompt", "w1", "--keep", "17"])
     assert code == 2
     assert "keep=17 is more than the 16 visual tokens" in capsys.readouterr().err
+
+
+def test_example_runs_every_method_and_writes_heatmaps(saved_model, tmp_path, capsys):
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (32, 32), "blue").save(image)
+    out = tmp_path / "example"
+    code = main([
+        "example", "--model", str(saved_model), "--image", str(image), "--question", "w1 w2", "--answer", "w3",
+        "--keep", "4", "--methods", "random", "pool", "fastv", "--out", str(out), "--repeats", "1", "--max-new-tokens", "2",
+    ])
+    table = capsys.readouterr().out
+    assert code == 0
+    assert "| dense | 16 |" in table
+    for name in ("random", "pool", "fastv"):
+        assert f"| {name} | 4 |" in table
+        assert (out / f"{name}.png").exists()

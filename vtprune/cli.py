@@ -89,9 +89,12 @@ def add_run(subparsers: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     import vtprune
 
+    from .example import add_example
+
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for vision-language models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_run(subparsers)
+    add_example(subparsers)
     subparsers.add_parser("methods", help="list the available methods").set_defaults(
         func=lambda args: print("\n".join(vtprune.available())) or 0
     )

@@ -1,0 +1,103 @@
+"""`vtprune example`: every method on one image and question, at one budget, against the dense model.
+
+Prints a table (method, visual tokens kept, answer, correct, prefill time ratio vs dense measured in the same run) and
+writes one heatmap per method into the output folder. Defaults to the embedded model and its bundled example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+import vtprune
+
+from .eval.speed import prefill_seconds
+from .loading import load, prepare
+from .viz import heatmap
+
+
+def bundled_example() -> tuple[Path, str, str]:
+    from . import toy
+
+    meta = json.loads((toy.EXAMPLES_DIR / "example.json").read_text())
+    return toy.EXAMPLES_DIR / meta["image"], meta["question"], meta["answer"]
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
+def generate_answer(model: Any, processor: Any, inputs: dict, max_new_tokens: int) -> str:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+
+
+def methods_with_budget(names: list[str], keep: int) -> list[vtprune.Method]:
+    out = []
+    for name in names:
+        cls = vtprune.core.method_class(name)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        out.append(vtprune.make(name, **({"keep": keep} if "keep" in fields else {})))
+    return out
+
+
+def run_example(args: argparse.Namespace) -> int:
+    if args.image:
+        image_path, question, expected = Path(args.image), args.question, args.answer
+    else:
+        image_path, question, expected = bundled_example()
+    model, processor = load(args.model, device=args.device)
+    image = Image.open(image_path)
+    inputs = prepare(processor, [image], question, device=model.device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    dense_time = prefill_seconds(model, inputs, repeats=args.repeats)
+    dense_answer = generate_answer(model, processor, inputs, args.max_new_tokens)
+    n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    rows = [("dense", n_visual, dense_answer, 1.0)]
+    skipped = []
+    for method in methods_with_budget(args.methods or vtprune.available(), args.keep):
+        try:
+            with method(model) as trace:
+                answer = generate_answer(model, processor, inputs, args.max_new_tokens)
+        except vtprune.VTPruneError as error:  # e.g. a method for another model family
+            skipped.append(f"{method.name}: {error}")
+            continue
+        ratio = prefill_seconds(model, inputs, method, repeats=args.repeats) / dense_time
+        rows.append((method.name, trace.visual_tokens(0)[0][1], answer, ratio))
+        scores, kept = trace.image_map(0, forward=0)
+        heatmap(image, scores, kept, side=model.config.vision_config.image_size).save(out_dir / f"{method.name}.png")
+
+    print(f"image: {image_path}\nquestion: {question}\nexpected answer: {expected}\n")
+    print("| method | visual tokens | answer | correct | prefill / dense |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, tokens, answer, ratio in rows:
+        correct = "yes" if normalise(answer) == normalise(expected) else "no"
+        print(f"| {name} | {tokens} | {answer} | {correct} | {ratio:.2f} |")
+    for line in skipped:
+        print(f"skipped {line}")
+    print(f"\nprefill ratios: median of {args.repeats} runs each, same process; heatmaps in {out_dir}/")
+    return 0
+
+
+def add_example(subparsers: Any) -> None:
+    p = subparsers.add_parser("example", help="every method on one image and question (default: the bundled example)")
+    p.add_argument("--model", default="toy", help="hub id or local path; 'toy' is the embedded default model")
+    p.add_argument("--image", help="image file (default: the bundled example)")
+    p.add_argument("--question")
+    p.add_argument("--answer", help="expected answer, for the 'correct' column")
+    p.add_argument("--keep", type=int, default=64, help="visual tokens kept per image")
+    p.add_argument("--methods", nargs="+", help="default: every available method")
+    p.add_argument("--out", default="out/example", help="folder for the heatmaps")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run_example)
