@@ -305,3 +305,9 @@ def test_fastv_cut_outside_the_model_is_refused(tiny_llava):
         with vtprune.make("fastv", keep=4, layer=4)(tiny_llava):
             pass
     assert hooks_of(tiny_llava) == hooks_before
+
+
+def test_static_cache_is_refused(tiny_llava, batch):
+    with pytest.raises(vtprune.VTPruneError, match="StaticCache has a fixed length"):
+        with vtprune.make("random", keep=4)(tiny_llava):
+            tiny_llava.generate(**batch, max_new_tokens=2, do_sample=False, cache_implementation="static")

@@ -112,6 +112,11 @@ class DecoderCutter:
             raise VTPruneError("vtprune expects the language model to be called with inputs_embeds")
         cache_key = "cache" if "cache" in kwargs else "past_key_values"
         cache = kwargs.get(cache_key)
+        if getattr(cache, "is_compileable", False):
+            raise VTPruneError(
+                f"{type(cache).__name__} has a fixed length per layer; pruning needs a DynamicCache "
+                "(the default of generate())"
+            )
         past = cache.get_seq_length() if cache is not None else 0
         batch, length = embeds.shape[:2]
         mask = kwargs.get("attention_mask")
