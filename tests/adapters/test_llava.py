@@ -15,8 +15,9 @@ KEEP_ALL = {
     "fastv": dict(keep=1.0, layer=2),
     "random": dict(keep=1.0),
     "pool": dict(keep=GRID * GRID),
+    "gui-kv": dict(keep=1.0),  # each image counts as a screenshot; the last one of a sample is the current one
 }
-NOT_ON_LLAVA: set[str] = set()  # methods the LLaVA adapter refuses (e.g. GUI-KV needs screenshots)
+NOT_ON_LLAVA: set[str] = set()  # methods the LLaVA adapter refuses
 
 
 def generate(model, batch, steps=4):
@@ -50,7 +51,7 @@ KEEP_FOUR = {
     "fastv": dict(keep=4, layer=2),
     "random": dict(keep=4, seed=3),
     "pool": dict(keep=4),
-}
+}  # gui-kv compresses the cache, not the sequence: see test_kv_cache_site_compresses_every_layer below
 
 
 @pytest.mark.parametrize("name", sorted(KEEP_FOUR))
@@ -269,6 +270,24 @@ def test_decoding_positions_continue_per_method(tiny_llava, batch):
             handle.remove()
     cos_expected, _ = lm.rotary_emb(torch.zeros(1), real[:, None])
     torch.testing.assert_close(layer_positions[1], cos_expected)
+
+
+def test_kv_cache_site_compresses_every_layer(tiny_llava, batch):
+    """The kv_cache site on LLaVA: every layer's cache holds floor(n * keep) entries per sample, the sequence and the
+    prefill logits are unchanged, and generate() decodes from the compressed cache."""
+    real = batch["attention_mask"].sum(1)
+    with torch.no_grad():
+        dense = tiny_llava(**batch).logits
+        with vtprune.make("gui-kv", keep=0.5)(tiny_llava) as trace:
+            out = tiny_llava(**batch, use_cache=True)
+            sequences, _ = generate(tiny_llava, batch, steps=3)
+    budgets = (real * 0.5).floor().long().tolist()
+    assert [out.cache.get_seq_length(i) for i in range(4)] == [max(budgets)] * 4
+    kept = {(r.layer, r.sample): r.cache_positions.shape for r in trace.forwards[0].sites}
+    assert kept == {(layer, b): (2, budgets[b]) for layer in range(4) for b in range(2)}
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.logits[mask], dense[mask], atol=1e-5, rtol=0)
+    assert sequences.shape == (2, batch["input_ids"].shape[1] + 3)
 
 
 # ------------------------------------------------------------------------------------------ errors, restore

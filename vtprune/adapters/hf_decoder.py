@@ -7,7 +7,11 @@ The language model is never forked. Forward pre-hooks on the language model and 
 
 Positions: "renumber" gives kept tokens contiguous positions (a token moves back by the number of visual tokens dropped
 before it); "original" keeps every token's position, leaving gaps. Decoding continues, per segment, at the incoming
-position minus the segment's offset (the number of tokens renumbering removed before it).
+position minus the segment's offset (the number of tokens renumbering removed before it). Subclasses with other position
+schemes (M-RoPE) override `reposition` and `rotary`.
+
+The kv_cache site (`hf_cache.CacheSite`) compresses what each layer writes to the cache at prefill; while decoding each
+compressed layer then gets a mask as long as its own cache.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ..core.layout import VisualLayout
 from ..core.method import SiteContext
 from ..core.plan import KeepPlan
 from ..core.session import ForwardRecord, SiteRecord
-from ..core.signals import QueryAttention
+from ..core.signals import PrefillKV, QueryAttention
 
 if TYPE_CHECKING:
     from ..core.adapter import Adapter
@@ -42,7 +46,7 @@ class Segment:
     start: int
     mask2d: Tensor  # [B, L_s] the prompt's padding mask as this segment sees it
     positions: Tensor  # [B, L_s] (or [P, B, L_s]) prompt positions
-    offset: Tensor  # [B] subtracted from incoming positions while decoding
+    offset: Tensor  # [B] (or [P, B], one per position row) subtracted from incoming positions while decoding
     attention_mask: Any = None  # the layer mask for the current call
     position_embeddings: Any = None  # (cos, sin) for the current call
 
@@ -59,14 +63,33 @@ class PrefillState:
     stage: int = 0
     call_mask: Tensor | None = None  # incoming 2-D mask of the current continuation call
     call_positions: Tensor | None = None  # incoming positions of the current continuation call
+    layer_input: Tensor | None = None  # prefill: the input of the decoder layer running now (kv_cache site)
+    cache_masks: dict[int, Tensor] = field(default_factory=dict)  # layer -> [B, C] mask of its compressed cache
+    call_layer_masks: dict[Any, Any] = field(default_factory=dict)  # decoding: layer masks built for the current call
 
 
 def _kwarg(args: tuple, kwargs: dict, name: str, index: int) -> Any:
     return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
 
 
+def prompt_input_ids(args: tuple, kwargs: dict, image_token_id: int) -> Tensor:
+    """The input_ids of a multimodal model call (a forward pre-hook's args); refuses a call without ids and image
+    tokens in a call that continues a cache."""
+    input_ids = _kwarg(args, kwargs, "input_ids", 0)
+    if input_ids is None:
+        raise VTPruneError("vtprune needs input_ids to find the image tokens; pass input_ids, not inputs_embeds")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length() > 0 and bool((input_ids == image_token_id).any()):
+        raise VTPruneError(
+            "image tokens in a call that continues a cache (chunked prefill) are not supported; "
+            "prefill the whole prompt in one call"
+        )
+    return input_ids
+
+
 class DecoderCutter:
-    """Applies a method's `pre_llm` and `llm_layer` cuts to one decoder language model."""
+    """Applies a method's `pre_llm` and `llm_layer` cuts (and, through `CacheSite`, its `kv_cache` site) to one decoder
+    language model."""
 
     def __init__(self, adapter: "Adapter", language_model: nn.Module) -> None:
         self.adapter = adapter
@@ -96,8 +119,16 @@ class DecoderCutter:
             if request.queries not in ("last", "after_visual", "text"):
                 raise VTPruneError(f"QueryAttention queries={request.queries!r}: use 'last', 'after_visual' or 'text'")
             self.queries.setdefault(request.layer, []).append(request)
+        self.cache_site = None
+        if "kv_cache" in method.sites:
+            from .hf_cache import CacheSite
+
+            requests = [r for r in method.requests(self.adapter.info) if isinstance(r, PrefillKV)]
+            if len(requests) != 1:
+                raise VTPruneError(f"method {method.name!r} cuts at the kv_cache site and must request one PrefillKV")
+            self.cache_site = CacheSite(self, requests[0])
         self.adapter.hook(self.lm, self._on_language_model)
-        first_hooked = min([*self.cuts, *self.queries], default=n_layers)
+        first_hooked = 0 if self.cache_site else min([*self.cuts, *self.queries], default=n_layers)
         for index in range(first_hooked, n_layers):
             self.adapter.hook(self.layers[index], self._layer_hook(index))
         self.adapter.on_detach(self._reset)
@@ -145,14 +176,21 @@ class DecoderCutter:
         query = embeds.shape[1]
         if mask is None:
             mask = torch.ones(batch, state.prompt_len + state.decoded + query, dtype=torch.long, device=embeds.device)
+        if mask.shape[1] != state.prompt_len + state.decoded + query:
+            raise VTPruneError(
+                f"this call brings {query} tokens and a mask of {mask.shape[1]}, but the pruned cache stands for "
+                f"{state.prompt_len + state.decoded} tokens; a pruned cache is shorter than the sequence (generate() "
+                "cannot restart from it): continue with the new tokens only and the full attention mask, or prefill again"
+            )
         if positions is None:
             positions = torch.arange(query, device=embeds.device) + state.prompt_len + state.decoded
         state.call_mask = mask
         state.call_positions = self._expand_positions(positions, batch)
+        state.call_layer_masks, state.layer_input = {}, None
         state.decoded += query
         first = state.segments[0]
         kwargs.update(
-            attention_mask=self._continuation_mask(first, mask),
+            attention_mask=self._continuation_mask(state.cache_masks.get(0, first.mask2d), mask),
             position_ids=self._shift(state.call_positions, first.offset),
         )
         return args, kwargs
@@ -179,6 +217,9 @@ class DecoderCutter:
                 self._prepare_continuation(segment, hidden, cache)
             if segment.start > 0:
                 kwargs = self._with_segment(kwargs, segment)
+            if not prefill and index in state.cache_masks:
+                kwargs = dict(kwargs)
+                kwargs["attention_mask"] = self._cache_layer_mask(index, hidden, cache)
             if prefill:
                 for request in self.queries.get(index, []):
                     state.signals[request] = self._query_attention(module, hidden, kwargs, segment, request)
@@ -192,6 +233,7 @@ class DecoderCutter:
                         args = (hidden, *args[1:])
                     else:
                         kwargs["hidden_states"] = hidden
+                state.layer_input = hidden
             return args, kwargs
 
         return hook
@@ -223,14 +265,26 @@ class DecoderCutter:
 
     def _prepare_continuation(self, segment: Segment, hidden: Tensor, cache: Any) -> None:
         state = self.state
-        mask2d = self._continuation_mask(segment, state.call_mask)
+        mask2d = self._continuation_mask(segment.mask2d, state.call_mask)
         positions = self._shift(state.call_positions, segment.offset)
         segment.position_embeddings = self.rotary(hidden, positions)
         segment.attention_mask = self._layer_mask(hidden, mask2d, cache, positions, segment.start)
 
-    def _continuation_mask(self, segment: Segment, call_mask: Tensor) -> Tensor:
-        new = call_mask[:, self.state.prompt_len :].to(segment.mask2d.dtype)
-        return torch.cat([segment.mask2d, new], dim=1)
+    def _continuation_mask(self, prompt_mask: Tensor, call_mask: Tensor) -> Tensor:
+        """The prompt's 2-D mask as a layer (or its cache) sees it, followed by the tokens decoded since."""
+        new = call_mask[:, self.state.prompt_len :].to(prompt_mask.dtype)
+        return torch.cat([prompt_mask, new], dim=1)
+
+    def _cache_layer_mask(self, layer: int, hidden: Tensor, cache: Any) -> Any:
+        """Decoding: the mask of a layer whose cache was compressed, built once per call for layers sharing one."""
+        state = self.state
+        prompt_mask = state.cache_masks[layer]
+        layer_types = getattr(self.lm.config, "layer_types", None)
+        key = (id(prompt_mask), layer_types[layer] if layer_types else None)
+        if key not in state.call_layer_masks:
+            mask2d = self._continuation_mask(prompt_mask, state.call_mask)
+            state.call_layer_masks[key] = self._layer_mask(hidden, mask2d, cache, None, layer)
+        return state.call_layer_masks[key]
 
     # --------------------------------------------------------------------------------------------- the cut
     def _context(self, site: str, hidden: Tensor, layer: int | None, signals: dict) -> SiteContext:
@@ -262,17 +316,8 @@ class DecoderCutter:
         real = segment.mask2d.bool().cpu()
         keep = [positions[real[b, positions]] for b, positions in enumerate(plan.keep_positions(layout))]
         index, valid = kernels.left_padded_index(keep, device)
-        hidden, positions, mask2d = kernels.compact_sequence(hidden, segment.positions, segment.mask2d, index, valid)
-        offset = segment.offset
-        if self.method.position_mode(ctx) == "renumber":
-            dropped = torch.zeros(layout.batch_size, layout.seq_len, dtype=torch.long)
-            for b in range(layout.batch_size):
-                dropped[b, layout.visual_positions(b)] = 1
-                dropped[b, keep[b]] = 0
-            dropped_before = (dropped.cumsum(1) - dropped).to(device)  # visual tokens dropped before each position
-            shift = kernels.gather_sequence(dropped_before, index, valid, dim=1)
-            positions = self.renumber(positions, shift, valid)
-            offset = offset + dropped.sum(1).to(device)
+        positions, offset = self.reposition(self.method.position_mode(ctx), layout, keep, segment.positions, segment.offset)
+        hidden, positions, mask2d = kernels.compact_sequence(hidden, positions, segment.mask2d, index, valid)
         new_length = index.shape[1]
         new_position = []
         for b in range(layout.batch_size):
@@ -282,9 +327,27 @@ class DecoderCutter:
         state.layout = layout.after_keep(plan.keep, new_position, new_length)
         return hidden, Segment(start, mask2d, positions, offset)
 
-    def renumber(self, positions: Tensor, shift: Tensor, valid: Tensor) -> Tensor:
-        """Positions after a renumbering cut: each token moves back by the visual tokens dropped before it."""
-        return (positions - shift).masked_fill(~valid, 0)
+    def reposition(
+        self, mode: str, layout: VisualLayout, keep: list[Tensor], positions: Tensor, offset: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The positions tokens take after a cut (same shape as `positions`, before compaction) and the new offset.
+
+        keep[b]: the sequence positions sample b keeps. "renumber": each token moves back by the visual tokens dropped
+        before it, and decoding moves back by all dropped ones; "original": nothing moves.
+        """
+        if mode != "renumber":
+            return positions, offset
+        dropped = self.dropped(layout, keep).to(positions.device)
+        return positions - (dropped.cumsum(1) - dropped), offset + dropped.sum(1)
+
+    @staticmethod
+    def dropped(layout: VisualLayout, keep: list[Tensor]) -> Tensor:
+        """[B, L] long: 1 at the visual tokens a cut drops."""
+        dropped = torch.zeros(layout.batch_size, layout.seq_len, dtype=torch.long)
+        for b in range(layout.batch_size):
+            dropped[b, layout.visual_positions(b)] = 1
+            dropped[b, keep[b]] = 0
+        return dropped
 
     def _merge(self, hidden: Tensor, plan: KeepPlan, layout: VisualLayout) -> Tensor:
         batch, slot, sources, weights, counts = [], [], [], [], []
@@ -329,6 +392,7 @@ class DecoderCutter:
                     kept=original[plan.keep[b].cpu()],
                     scores=plan.scores[b] if plan.scores is not None else None,
                     merged=merged,
+                    cache_positions=plan.heads[b].cpu() if plan.heads is not None else None,
                 )
             )
 
@@ -344,7 +408,10 @@ class DecoderCutter:
 
     @staticmethod
     def _shift(positions: Tensor, offset: Tensor) -> Tensor:
-        return positions - offset[:, None]
+        """Incoming positions [B, q] or [P, B, q] minus the offset [B] (or [P', B]: the last P rows apply)."""
+        if offset.dim() == 2:
+            offset = offset[-positions.shape[0] :]
+        return positions - offset[..., None]
 
     # -------------------------------------------------------------------------------- query attention signal
     def _query_rows(self, request: QueryAttention, sample: int, mask2d: Tensor) -> Tensor:

@@ -2,8 +2,9 @@
 
 Visual tokens: each `<image>` placeholder expands to the patch features of one image (24×24 = 576 for
 LLaVA-1.5-7B), in row-major patch order; [CLS] is dropped unless `vision_feature_select_strategy="full"`.
-Sites: `pre_llm` (compact the language model's input) and `llm_layer` (cut between decoder layers).
-Signals: `ClsAttention` (recomputed from the CLIP tower's q/k), `QueryAttention`, `PixelValues`.
+Sites: `pre_llm` (compact the language model's input), `llm_layer` (cut between decoder layers) and `kv_cache`
+(compress each layer's cache after prefill). Signals: `ClsAttention` (recomputed from the CLIP tower's q/k),
+`QueryAttention`, `PixelValues`, `PrefillKV`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from ..core.adapter import Adapter, register_adapter
 from ..core.attention import attention_rows
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout, VisualSpan
-from ..core.signals import ClsAttention, ModelInfo, PixelValues, QueryAttention
-from .hf_decoder import DecoderCutter, _kwarg
+from ..core.signals import ClsAttention, ModelInfo, PixelValues, PrefillKV, QueryAttention
+from .hf_decoder import DecoderCutter, _kwarg, prompt_input_ids
 
 if TYPE_CHECKING:
     from ..core.method import Method
@@ -101,8 +102,8 @@ class VisionSignals:
 @register_adapter
 class LlavaAdapter(Adapter):
     family = "llava"
-    sites = frozenset({"pre_llm", "llm_layer"})
-    signals = frozenset({ClsAttention, QueryAttention, PixelValues})
+    sites = frozenset({"pre_llm", "llm_layer", "kv_cache"})
+    signals = frozenset({ClsAttention, QueryAttention, PixelValues, PrefillKV})
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -150,17 +151,7 @@ class LlavaAdapter(Adapter):
 
     # ------------------------------------------------------------------------------------------- layout
     def _on_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        input_ids = _kwarg(args, kwargs, "input_ids", 0)
-        if input_ids is None:
-            raise VTPruneError("vtprune needs input_ids to find the image tokens; pass input_ids, not inputs_embeds")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        has_images = bool((input_ids == self.image_token_id).any())
-        if cache is not None and cache.get_seq_length() > 0 and has_images:
-            raise VTPruneError(
-                "image tokens in a call that continues a cache (chunked prefill) are not supported; "
-                "prefill the whole prompt in one call"
-            )
-        self._layout = self.layout(input_ids)
+        self._layout = self.layout(prompt_input_ids(args, kwargs, self.image_token_id))
 
     def layout(self, input_ids: Tensor) -> VisualLayout:
         """Spans of `<image>` tokens per sample; consecutive runs are split into images of `tokens_per_image`."""

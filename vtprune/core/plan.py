@@ -25,11 +25,16 @@ class Merge:
 
 @dataclass
 class KeepPlan:
-    """Per sample, the visual ordinals kept (ascending), optional scores and merges."""
+    """Per sample, the visual ordinals kept (ascending), optional scores and merges.
+
+    At the kv_cache site `heads` says what one layer's cache keeps: per sample, [H_c, C_b] sequence positions per cache
+    head (any token, text included); `keep` then lists the visual ordinals kept by at least one head (see `keep_heads`).
+    """
 
     keep: list[Tensor]
     scores: list[Tensor] | None = None  # per sample: [n_visual] score of every visual token (trace, heatmaps)
     merges: list[list[Merge]] = field(default_factory=list)  # per sample (empty list: no merges)
+    heads: list[Tensor] | None = None  # kv_cache site, per sample: [H_c, C_b] kept sequence positions per head
 
     def validate(self, layout: VisualLayout) -> None:
         if len(self.keep) != layout.batch_size:
@@ -62,6 +67,17 @@ def top_k(scores: Tensor, k: int) -> Tensor:
     """Indices of the k largest scores, ascending. Ties go to the lower index (stable), on any device."""
     order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
     return torch.sort(order).values
+
+
+def keep_heads(layout: VisualLayout, heads: list[Tensor], scores: list[Tensor] | None = None) -> KeepPlan:
+    """A kv_cache plan from per-head kept positions (per sample [H_c, C_b]); `keep` = visual ordinals any head keeps."""
+    keep = []
+    for b, positions in enumerate(heads):
+        visual = layout.visual_positions(b)
+        kept = torch.zeros(layout.seq_len, dtype=torch.bool)
+        kept[positions.flatten().cpu()] = True
+        keep.append(kept[visual].nonzero().squeeze(1))
+    return KeepPlan(keep=keep, scores=scores, heads=heads)
 
 
 def keep_all(layout: VisualLayout) -> KeepPlan:

@@ -26,6 +26,7 @@ class SiteRecord:
     kept: Tensor  # ordinals present after the cut (merged tokens sit at a kept ordinal)
     scores: Tensor | None = None  # [len(before)] the method's score of each token present before the cut
     merged: list[dict[str, Any]] = field(default_factory=list)  # {"slot", "sources", "weights"} in ordinals
+    cache_positions: Tensor | None = None  # kv_cache site: [H_c, C] positions (in the layer's sequence) each head kept
 
     @property
     def visual_before(self) -> int:

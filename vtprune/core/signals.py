@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor
+
 
 @dataclass(frozen=True)
 class ClsAttention:
@@ -50,3 +52,33 @@ class ModelInfo:
     vision_feature_layer: int | None = None  # 0-based encoder layer whose output feeds the projector
     vision_has_cls: bool = False
     patch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class PrefillKV:
+    """For the kv_cache site: one decoder layer's attention state at the end of prefill, read in the layer's own hooks
+    (post-RoPE keys as the attention wrote them to the cache, query rows recomputed from the layer's q projection and
+    RoPE), so the model keeps running with SDPA / FlashAttention.
+
+    `queries`: how many of the last prompt tokens' query rows to provide (at most the shortest sample's length).
+    `expand_heads`: repeat a grouped-query layer's keys/values to the query heads before its attention, so the cache
+    holds one K/V head per query head and a method may select per query head (costs the GQA memory saving).
+    `pre_rope_keys`: also provide the keys without RoPE (the cached keys rotated back with the layer's own RoPE).
+    Value: `LayerKV`.
+    """
+
+    queries: int = 8
+    expand_heads: bool = False
+    pre_rope_keys: bool = False
+
+
+@dataclass
+class LayerKV:
+    """The value of `PrefillKV` at one layer. Positions index the layer's sequence (padding included)."""
+
+    keys: Tensor  # [B, H_c, L, d] post-RoPE keys as cached (H_c: KV heads, or query heads when expanded)
+    queries: Tensor  # [B, H, Q, d] post-RoPE queries of each sample's last Q real tokens
+    hidden: Tensor  # [B, L, D] the attention module's input (after the layer's input norm)
+    residual: Tensor  # [B, L, D] the decoder layer's input (the residual stream)
+    key_mask: Tensor  # [B, L] bool, False at padding
+    keys_pre_rope: Tensor | None = None  # [B, H_c, L, d] the same keys before RoPE, if requested

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from . import torch_ops
-from .torch_ops import left_padded_index
+from .torch_ops import left_padded_heads, left_padded_index
 
 try:
     import triton  # noqa: F401
@@ -65,6 +65,13 @@ def compact_cache(
     return torch_ops.compact_cache(layers, index, valid)
 
 
+def compact_cache_heads(keys: Tensor, values: Tensor, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Gather one layer's keys/values [B, H, L, d] with a different selection per head: index [B, H, C], valid [B, C].
+
+    Torch path only (one gather per tensor); no Triton kernel yet."""
+    return torch_ops.compact_cache_heads(keys, values, index, valid)
+
+
 def merge_tokens(
     x: Tensor,
     batch: Tensor,
@@ -83,4 +90,7 @@ def merge_tokens(
 
 gather_sequence = torch_ops.gather_sequence
 
-__all__ = ["BACKENDS", "compact_cache", "compact_sequence", "gather_sequence", "left_padded_index", "merge_tokens"]
+__all__ = [
+    "BACKENDS", "compact_cache", "compact_cache_heads", "compact_sequence", "gather_sequence", "left_padded_heads",
+    "left_padded_index", "merge_tokens",
+]

@@ -25,6 +25,26 @@ def left_padded_index(keep: Sequence[Tensor], device: torch.device | str | None 
     return index, valid
 
 
+def left_padded_heads(keep: Sequence[Tensor], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Ragged per-sample, per-head keep lists -> a padded per-head gather index.
+
+    keep[b]: [H, C_b] positions of sample b kept by each head (every head keeps C_b). Returns index [B, H, C] and
+    valid [B, C] (bool), C = max C_b; kept entries are right-aligned (left padding), padding slots point at position 0.
+    """
+    heads = {int(k.shape[0]) for k in keep}
+    if len(heads) > 1:
+        raise ValueError(f"every sample must keep entries for the same number of heads, got {sorted(heads)}")
+    length = max((int(k.shape[1]) for k in keep), default=0)
+    index = torch.zeros(len(keep), heads.pop() if heads else 0, length, dtype=torch.long, device=device)
+    valid = torch.zeros(len(keep), length, dtype=torch.bool, device=device)
+    for b, kept in enumerate(keep):
+        n = int(kept.shape[1])
+        if n:
+            index[b, :, length - n :] = kept.to(device=device, dtype=torch.long)
+            valid[b, length - n :] = True
+    return index, valid
+
+
 def gather_sequence(x: Tensor, index: Tensor, valid: Tensor, dim: int = 1) -> Tensor:
     """x: batch at dim 0, sequence at `dim`. Returns x gathered along `dim` by index [B, L']; invalid slots are 0."""
     shape = [1] * x.dim()
@@ -50,6 +70,16 @@ def compact_sequence(
 def compact_cache(layers: Sequence[tuple[Tensor, Tensor]], index: Tensor, valid: Tensor) -> list[tuple[Tensor, Tensor]]:
     """Gather each layer's keys and values [B, H, L, d] along the sequence to the kept tokens."""
     return [(gather_sequence(k, index, valid, dim=2), gather_sequence(v, index, valid, dim=2)) for k, v in layers]
+
+
+def compact_cache_heads(keys: Tensor, values: Tensor, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Gather one layer's keys and values [B, H, L, d] per head: index [B, H, C], valid [B, C] (padding slots are 0)."""
+    expanded = index[..., None].expand(*index.shape, keys.shape[-1])
+    keep = valid[:, None, :, None]
+    return (
+        torch.gather(keys, 2, expanded).masked_fill(~keep, 0),
+        torch.gather(values, 2, expanded).masked_fill(~keep, 0),
+    )
 
 
 def merge_tokens(

@@ -1,0 +1,237 @@
+"""Qwen2-VL / Qwen2.5-VL adapter: layout, keep-all exactness, M-RoPE positions after a cut, generation references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import vtprune
+from tests.adapters.qwen_builders import IMAGE, KINDS, VIDEO, build_qwen_processor, build_tiny_qwen, two_screenshot_batch
+from tests.helpers import hooks_of
+
+# Every method this adapter runs, with options that keep every token (a name may appear with several option sets).
+KEEP_ALL = [
+    ("random", dict(keep=1.0)),
+    ("pool", dict(keep=1.0)),
+    ("fastv", dict(keep=1.0, layer=1)),
+    ("gui-kv", dict(keep=1.0)),
+    ("gui-kv", dict(keep=1.0, gqa_reduce="expand", temporal_keys="pre_rope")),
+]
+NOT_ON_QWEN = {"vtc-cls": "the Qwen vision tower has no [CLS] token"}
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def qwen(request):
+    """(model, batch, dense logits, dense generate output) for Qwen2-VL and Qwen2.5-VL in miniature."""
+    model = build_tiny_qwen(request.param)
+    batch = two_screenshot_batch(build_qwen_processor(request.param))
+    with torch.no_grad():
+        logits = model(**batch).logits
+        sequences, steps = generate(model, batch)
+    return model, batch, logits, sequences, steps
+
+
+def generate(model, batch, steps=3):
+    out = model.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def test_every_method_runs_or_is_refused():
+    assert {name for name, _ in KEEP_ALL} | set(NOT_ON_QWEN) == set(vtprune.available())
+
+
+@pytest.mark.parametrize("name, options", KEEP_ALL, ids=[f"{n}-{i}" for i, (n, _) in enumerate(KEEP_ALL)])
+def test_keep_all_reproduces_dense_logits(qwen, name, options):
+    model, batch, dense_logits, dense_sequences, dense_steps = qwen
+    with torch.no_grad(), vtprune.make(name, **options)(model) as trace:
+        logits = model(**batch).logits
+        sequences, steps = generate(model, batch)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], dense_logits[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(steps, dense_steps, atol=1e-5, rtol=0)  # prefill and every decoding step
+    assert torch.equal(sequences, dense_sequences)
+    assert trace.visual_tokens() == [(64, 64), (80, 80)]
+
+
+def test_layout_has_one_span_per_screenshot(qwen):
+    model, batch = qwen[:2]
+    with torch.no_grad(), vtprune.make("random", keep=1.0)(model) as trace:
+        model(**batch)
+    layout = trace.forwards[0].layout
+    ids = batch["input_ids"]
+    assert [[s.grid for s in spans] for spans in layout.spans] == [[(5, 8), (4, 6)], [(5, 8), (5, 8)]]
+    assert [s.image for spans in layout.spans for s in spans] == [0, 1, 2, 3]
+    for b, spans in enumerate(layout.spans):
+        for span in spans:
+            assert int(ids[b, span.start - 1]) == 261 and int(ids[b, span.end]) == 262  # vision start / end
+            assert bool((ids[b, span.start : span.end] == IMAGE).all())
+
+
+def test_vtc_cls_is_refused_clearly(qwen):
+    model = qwen[0]
+    hooks = hooks_of(model)
+    with pytest.raises(vtprune.VTPruneError, match=r"\[CLS\] token; the qwen2-vl tower has none"):
+        vtprune.make("vtc-cls", keep=4)(model)
+    assert hooks_of(model) == hooks
+
+
+def test_videos_and_embeddings_without_ids_are_refused(qwen):
+    model, batch = qwen[:2]
+    hooks = hooks_of(model)
+    ids = batch["input_ids"].clone()
+    ids[:, -2] = VIDEO  # a video placeholder in the text
+    with pytest.raises(vtprune.VTPruneError, match="not videos"):
+        with vtprune.make("random", keep=4)(model):
+            model(**dict(batch, input_ids=ids))
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with pytest.raises(vtprune.VTPruneError, match="needs input_ids"):
+        with vtprune.make("random", keep=4)(model):
+            model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+    assert hooks_of(model) == hooks
+
+
+# ------------------------------------------------------------------------------- M-RoPE positions by hand
+def hand_positions(batch, kept_patches, grids):
+    """The documented "renumber" rule, built token by token: text gets (c, c, c); a kept image token with patch p on a
+    grid of `cols` columns gets (c, c + p // cols, c + p % cols), and after the image c moves on by 1 + its largest
+    kept offset. Returns per sample the [3, n] positions of the kept real tokens, their ids and the next position."""
+    out = []
+    image = 0
+    for b in range(batch["input_ids"].shape[0]):
+        ids = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
+        rows, kept_ids, cursor, i = [], [], 0, 0
+        while i < len(ids):
+            if ids[i] != IMAGE:
+                rows.append([cursor] * 3)
+                kept_ids.append(i)
+                cursor, i = cursor + 1, i + 1
+                continue
+            cols = grids[image][1]
+            count = grids[image][0] * cols
+            offsets = [(0, p // cols, p % cols) for p in kept_patches[image]]
+            rows += [[cursor + t, cursor + h, cursor + w] for t, h, w in offsets]
+            kept_ids += [i + p for p in kept_patches[image]]
+            cursor += 1 + max(max(o) for o in offsets) if offsets else 0
+            i, image = i + count, image + 1
+        out.append((torch.tensor(rows).T, kept_ids, cursor))
+    return out
+
+
+def kept_patches_of(trace):
+    record = trace.forwards[0]
+    kept = {}
+    for site in record.sites:
+        for span, sl in record.layout.ordinal_slices(site.sample):
+            inside = site.kept[(site.kept >= sl.start) & (site.kept < sl.stop)] - sl.start
+            kept[span.image] = span.patch_index[inside].tolist()
+    grids = {s.image: s.grid for spans in record.layout.spans for s in spans}
+    return kept, grids
+
+
+def capture_language_model_positions(model):
+    seen = []
+
+    def capture(module, args, kwargs):
+        seen.append(kwargs["position_ids"].clone())
+
+    return seen, model.model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+
+
+@pytest.mark.parametrize("keep", [5, 0.5])
+def test_positions_after_a_pre_llm_cut_follow_the_rule(qwen, keep):
+    model, batch = qwen[:2]
+    with torch.no_grad(), vtprune.make("random", keep=keep, seed=2)(model) as trace:
+        seen, handle = capture_language_model_positions(model)
+        model(**batch)  # positions [3, B, L]
+        generate(model, batch, steps=2)  # positions [4, B, L] (sequence index first), then [4, B, 1]
+        handle.remove()
+    kept, grids = kept_patches_of(trace)
+    expected = hand_positions(batch, kept, grids)
+    forward, prefill, decode = seen[0], seen[1], seen[2]
+    length = forward.shape[-1]
+    for b, (rows, _, cursor) in enumerate(expected):
+        n = rows.shape[1]
+        assert torch.equal(forward[:, b, length - n :], rows)
+        assert torch.equal(prefill[1:, b, length - n :], rows)
+        assert prefill[0, b, length - n :].tolist() == list(range(n))  # sequence index, renumbered
+        assert bool((prefill[:, b, : length - n] == 0).all())  # left padding
+        assert decode[1:, b, 0].tolist() == [cursor] * 3  # decoding continues right after the last kept position
+        assert int(decode[0, b, 0]) == n
+
+
+def test_rope_deltas_of_the_model_are_left_untouched(qwen):
+    model, batch = qwen[:2]
+    with torch.no_grad():
+        generate(model, batch, steps=1)
+        dense = model.model.rope_deltas.clone()
+        with vtprune.make("random", keep=3)(model):
+            generate(model, batch, steps=1)
+    assert torch.equal(model.model.rope_deltas, dense)
+
+
+def test_generate_with_a_pre_llm_cut_equals_reference(qwen):
+    """The language model on the hand-compacted sequence at hand-made positions, decoded greedily."""
+    model, batch = qwen[:2]
+    steps = 4
+    with torch.no_grad():
+        with vtprune.make("random", keep=6, seed=5)(model) as trace:
+            pruned = model.generate(**batch, max_new_tokens=steps, do_sample=False)[:, -steps:]
+        kept, grids = kept_patches_of(trace)
+        inner, lm = model.model, model.model.language_model
+        embeds = inner.get_input_embeddings()(batch["input_ids"])
+        features = torch.cat(inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
+        embeds = embeds.masked_scatter((batch["input_ids"] == IMAGE)[..., None], features)
+        expected = hand_positions(batch, kept, grids)
+        length = max(len(ids) for _, ids, _ in expected)
+        x = torch.zeros(2, length, embeds.shape[-1])
+        mask = torch.zeros(2, length, dtype=torch.long)
+        positions = torch.zeros(3, 2, length, dtype=torch.long)
+        for b, (rows, ids, _) in enumerate(expected):
+            real = embeds[b][batch["attention_mask"][b].bool()]
+            x[b, length - len(ids) :] = real[ids]
+            mask[b, length - len(ids) :] = 1
+            positions[:, b, length - len(ids) :] = rows
+        cache = DynamicCache(config=lm.config)
+        logits = model.lm_head(lm(inputs_embeds=x, attention_mask=mask, position_ids=positions, cache=cache).last_hidden_state[:, -1])
+        tokens = [logits.argmax(-1)]
+        nxt = torch.tensor([cursor for _, _, cursor in expected])
+        for t in range(1, steps):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            step_positions = (nxt + t - 1).view(1, 2, 1).expand(3, 2, 1)
+            out = lm(inputs_embeds=inner.get_input_embeddings()(tokens[-1][:, None]), attention_mask=mask,
+                     position_ids=step_positions, cache=cache)
+            tokens.append(model.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
+    assert torch.equal(pruned, torch.stack(tokens, dim=1))
+
+
+def test_fastv_keeps_original_positions_while_decoding(qwen):
+    """After a FastV cut the later layers see the unpruned M-RoPE positions, while prefilling and decoding."""
+    model, batch = qwen[:2]
+    lm = model.model.language_model
+    captured = {"dense": [], "fastv": []}
+
+    def capture(which):
+        def hook(module, args, kwargs):
+            captured[which].append(kwargs["position_embeddings"][0].clone())
+
+        return hook
+
+    with torch.no_grad():
+        handle = lm.layers[2].register_forward_pre_hook(capture("dense"), with_kwargs=True)
+        generate(model, batch, steps=2)
+        handle.remove()
+        with vtprune.make("fastv", keep=4, layer=2)(model) as trace:
+            handle = lm.layers[2].register_forward_pre_hook(capture("fastv"), with_kwargs=True)
+            generate(model, batch, steps=2)
+            handle.remove()
+    record = trace.forwards[0]
+    for b in range(2):
+        visual = record.layout.visual_positions(b)
+        keep = torch.ones(batch["input_ids"].shape[1], dtype=torch.bool)
+        keep[visual] = False
+        keep[visual[record.sites[b].kept]] = True
+        keep &= batch["attention_mask"][b].bool()
+        n = int(keep.sum())
+        torch.testing.assert_close(captured["fastv"][0][b, -n:], captured["dense"][0][b, keep], atol=0, rtol=0)
+    torch.testing.assert_close(captured["fastv"][1], captured["dense"][1], atol=0, rtol=0)  # first decoding step
