@@ -1,5 +1,5 @@
 """Adapters, one file per model family. Importing this package registers them."""
 
-from . import llava  # noqa: F401
+from . import llava, open_clip  # noqa: F401
 
-__all__ = ["llava"]
+__all__ = ["llava", "open_clip"]
