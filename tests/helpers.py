@@ -76,3 +76,21 @@ def build_tiny_processor():
         image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
+
+
+def build_tiny_clip(seed: int = 0, **vision: object) -> nn.Module:
+    """An open_clip CLIP in miniature: ViT tower with 4 blocks, 2 heads, 32 px images, 8 px patches (4x4 grid + [CLS]).
+
+    `vision` overrides fields of the tower's `CLIPVisionCfg` (e.g. layers=(1, 1, 1, 1) for a ResNet tower).
+    """
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    config = dict(layers=4, width=32, head_width=16, image_size=32, patch_size=8) | vision
+    text = CLIPTextCfg(context_length=8, vocab_size=50, width=16, heads=2, layers=1)
+    return CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(**config), text_cfg=text).eval()
+
+
+def clip_images(count: int = 3, side: int = 32, seed: int = 2) -> torch.Tensor:
+    """[count, 3, side, side] normalised-looking pixels."""
+    return torch.randn(count, 3, side, side, generator=torch.Generator().manual_seed(seed))

@@ -1,5 +1,5 @@
 """Adapters, one file per model family. Importing this package registers them."""
 
-from . import llava, qwen2_vl  # noqa: F401
+from . import llava, open_clip, qwen2_vl  # noqa: F401
 
-__all__ = ["llava", "qwen2_vl"]
+__all__ = ["llava", "open_clip", "qwen2_vl"]

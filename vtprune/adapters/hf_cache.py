@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicLayer
 from .. import kernels
 from ..core.errors import VTPruneError
 from ..core.signals import LayerKV, PrefillKV
+from .cuts import site_records
 
 if TYPE_CHECKING:
     from .hf_decoder import DecoderCutter
@@ -115,7 +116,7 @@ class CacheSite:
         plan.validate(ctx.layout)
         heads = self._validate(plan.heads, key_mask, layer_cache.keys.shape[1], index)
         plan.heads = heads
-        cutter._record(ctx, plan)
+        cutter.state.record.sites.extend(site_records(ctx, plan))
         gather, valid = kernels.left_padded_heads(heads, hidden.device)
         layer_cache.keys, layer_cache.values = kernels.compact_cache_heads(
             layer_cache.keys, layer_cache.values, gather, valid

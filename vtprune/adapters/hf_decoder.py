@@ -29,9 +29,9 @@ from ..core.attention import attention_rows
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout
 from ..core.method import SiteContext
-from ..core.plan import KeepPlan
-from ..core.session import ForwardRecord, SiteRecord
+from ..core.session import ForwardRecord
 from ..core.signals import PrefillKV, QueryAttention
+from .cuts import merge_planned, site_records
 
 if TYPE_CHECKING:
     from ..core.adapter import Adapter
@@ -101,7 +101,8 @@ class DecoderCutter:
     def attach(self, method: "Method", trace: "Trace", queries: list[QueryAttention]) -> None:
         self.method, self.trace, self.state = method, trace, None
         n_layers = len(self.layers)
-        self.cuts = method.cut_layers(self.adapter.info) if "llm_layer" in method.sites else []
+        self.sites = method.cut_sites(self.adapter.info)
+        self.cuts = method.cut_layers(self.adapter.info) if "llm_layer" in self.sites else []
         for layer in self.cuts:
             if not 1 <= layer < n_layers:
                 raise VTPruneError(
@@ -165,7 +166,7 @@ class DecoderCutter:
             state = PrefillState(length, [segment], layout, ForwardRecord(layout=layout))
             self.state = state
             self.trace.forwards.append(state.record)
-            if "pre_llm" in self.method.sites and layout.num_images:
+            if "pre_llm" in self.sites and layout.num_images:
                 ctx = self._context("pre_llm", embeds, None, self.adapter.vision_signals(layout))
                 embeds, segment = self._cut(ctx, embeds, segment, start=0)
                 state.segments = [segment]
@@ -308,10 +309,10 @@ class DecoderCutter:
         with torch.no_grad():
             plan = self.method.plan(ctx)
         plan.validate(layout)
-        self._record(ctx, plan)
+        state.record.sites.extend(site_records(ctx, plan))
         device = hidden.device
         if any(plan.merges):
-            hidden = self._merge(hidden, plan, layout)
+            hidden = merge_planned(hidden, plan, layout)
         # keep text and kept visual tokens; padding is dropped too (the batch is left-padded again below)
         real = segment.mask2d.bool().cpu()
         keep = [positions[real[b, positions]] for b, positions in enumerate(plan.keep_positions(layout))]
@@ -348,53 +349,6 @@ class DecoderCutter:
             dropped[b, layout.visual_positions(b)] = 1
             dropped[b, keep[b]] = 0
         return dropped
-
-    def _merge(self, hidden: Tensor, plan: KeepPlan, layout: VisualLayout) -> Tensor:
-        batch, slot, sources, weights, counts = [], [], [], [], []
-        for b, merges in enumerate(plan.merges):
-            positions = layout.visual_positions(b)
-            for merge in merges:
-                batch.append(b)
-                slot.append(int(positions[merge.slot]))
-                sources.append(positions[merge.sources.cpu()])
-                weights.append(merge.weights.float().cpu())
-                counts.append(merge.sources.numel())
-        device = hidden.device
-        offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
-        offsets[1:] = torch.tensor(counts).cumsum(0)
-        return kernels.merge_tokens(
-            hidden,
-            torch.tensor(batch, device=device),
-            torch.tensor(slot, device=device),
-            offsets.to(device),
-            torch.cat(sources).to(device),
-            torch.cat(weights).to(device),
-        )
-
-    def _record(self, ctx: SiteContext, plan: KeepPlan) -> None:
-        layout = ctx.layout
-        for b in range(layout.batch_size):
-            original = layout.original_ordinal[b]
-            merged = [
-                {
-                    "slot": int(original[m.slot]),
-                    "sources": original[m.sources.cpu()].tolist(),
-                    "weights": m.weights.float().cpu().tolist(),
-                }
-                for m in (plan.merges[b] if plan.merges else [])
-            ]
-            self.state.record.sites.append(
-                SiteRecord(
-                    site=ctx.site,
-                    layer=ctx.layer,
-                    sample=b,
-                    before=original.clone(),
-                    kept=original[plan.keep[b].cpu()],
-                    scores=plan.scores[b] if plan.scores is not None else None,
-                    merged=merged,
-                    cache_positions=plan.heads[b].cpu() if plan.heads is not None else None,
-                )
-            )
 
     # ------------------------------------------------------------------------------------------ positions
     def rotary(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -41,7 +41,7 @@ class Adapter(ABC):
 
     def check(self, method: "Method") -> None:
         """Refuse, before anything is attached, a method whose sites or signals this adapter lacks."""
-        for site in method.sites:
+        for site in method.cut_sites(self.info):
             if site not in self.sites:
                 raise UnsupportedSignalError(
                     f"method {method.name!r} cuts at site {site!r}, which the {self.family} adapter does not offer "

@@ -30,7 +30,7 @@ class SiteContext:
     signals: dict[Any, Any]  # request -> value, for the requests the method made
     info: ModelInfo
     hidden_states: Tensor | None = None  # [B, L, D] the sequence at the site (LLM input or hidden states)
-    layer: int | None = None  # llm_layer: the cut sits right before this decoder layer (0-based)
+    layer: int | None = None  # llm_layer: the cut sits right before this decoder layer; encoder: right after this block
     stage: int = 0  # index of this cut among the method's cuts in this forward
     state: dict[str, Any] = field(default_factory=dict)  # scratch space shared by the cuts of one forward
 
@@ -42,7 +42,7 @@ class Method(ABC):
     """
 
     name: ClassVar[str] = ""
-    sites: ClassVar[tuple[str, ...]] = ("pre_llm",)
+    sites: ClassVar[tuple[str, ...]] = ("pre_llm",)  # the sites the method cuts at (see `cut_sites`)
     positions: ClassVar[str] = "renumber"  # "renumber": kept tokens get contiguous positions; "original": keep theirs
 
     def __post_init__(self) -> None:
@@ -53,8 +53,19 @@ class Method(ABC):
         """Signals this method needs (see `vtprune.core.signals`)."""
         return []
 
+    def cut_sites(self, info: ModelInfo) -> tuple[str, ...]:
+        """The sites this method cuts at on the model described by `info`; adapters use this, not `sites`.
+
+        Default: `sites`. A method may move its cut, e.g. into the vision encoder of a model with no language model.
+        """
+        return self.sites
+
     def cut_layers(self, info: ModelInfo) -> list[int]:
         """For the llm_layer site: the decoder layers (0-based) before which a cut happens, ascending."""
+        return []
+
+    def encoder_blocks(self, info: ModelInfo) -> list[int]:
+        """For the encoder site: the vision-encoder blocks (0-based) after which a cut happens, ascending."""
         return []
 
     def position_mode(self, ctx: SiteContext) -> str:

@@ -2,7 +2,8 @@
 
 The grid (rows × cols) is pooled to h × w cells with h·w ≤ keep (as many cells as the budget allows, shaped like the
 grid), exactly as `adaptive_avg_pool2d` bins it. Each cell becomes one token, the mean of its patches' language-model
-inputs, placed at the cell's top-left patch; positions are renumbered as for any pre-LLM cut.
+inputs, placed at the cell's top-left patch; positions are renumbered as for any pre-LLM cut. Inside the vision encoder
+(`encoder_block` set, or a tower with no language model, see `EncoderCut`) it pools the hidden states after that block.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..core import KeepPlan, Merge, Method, SiteContext, VTPruneError, keep_count, register
+from ._encoder import EncoderCut
 
 
 def pool_shape(rows: int, cols: int, budget: int) -> tuple[int, int]:
@@ -43,12 +45,13 @@ def pool_cells(rows: int, cols: int, h: int, w: int) -> list[torch.Tensor]:
 
 @register
 @dataclass
-class SpatialPool(Method):
+class SpatialPool(EncoderCut, Method):
     name: ClassVar[str] = "pool"
     sites: ClassVar[tuple[str, ...]] = ("pre_llm",)
     positions: ClassVar[str] = "renumber"
 
     keep: int | float = 64  # tokens per image (int) or ratio of the patches
+    encoder_block: int | None = None  # cut inside the vision encoder, after this block (see `EncoderCut`)
 
     def plan(self, ctx: SiteContext) -> KeepPlan:
         layout = ctx.layout

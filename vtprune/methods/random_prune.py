@@ -1,4 +1,7 @@
-"""Random pruning: the baseline every method must beat. Seeded, so a run can be repeated."""
+"""Random pruning: the baseline every method must beat. Seeded, so a run can be repeated.
+
+Cuts before the language model, or inside the vision encoder after block `encoder_block` (see `EncoderCut`).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,19 @@ from typing import ClassVar
 import torch
 
 from ..core import KeepPlan, Method, SiteContext, keep_count, per_image, register
+from ._encoder import EncoderCut
 
 
 @register
 @dataclass
-class RandomPrune(Method):
+class RandomPrune(EncoderCut, Method):
     name: ClassVar[str] = "random"
     sites: ClassVar[tuple[str, ...]] = ("pre_llm",)
     positions: ClassVar[str] = "renumber"
 
     keep: int | float = 64  # tokens per image (int) or ratio
     seed: int = 0
+    encoder_block: int | None = None  # cut inside the vision encoder, after this block (see `EncoderCut`)
 
     def plan(self, ctx: SiteContext) -> KeepPlan:
         generator = torch.Generator().manual_seed(self.seed)

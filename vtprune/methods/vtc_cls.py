@@ -4,6 +4,9 @@ Score of patch p: sum over encoder layers `start_layer ..` (up to the layer whos
 head-mean [CLS] attention to p. The top-k patches of every image are kept, in raster order, before the language
 model, which then numbers the shorter sequence contiguously. `start_layer` equal to the feature layer (22 for
 LLaVA-1.5, or -2) switches the ensemble off: that is FasterVLM.
+
+Inside the vision encoder (`encoder_block` set, or a tower with no language model such as open_clip's), the cut sits
+after block `encoder_block` and the ensemble ends at that block: start_layer .. encoder_block.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from ..core import ClsAttention, KeepPlan, Method, ModelInfo, SiteContext, VTPruneError, keep_count, per_image, register
+from ._encoder import EncoderCut
 from ._scores import ordinal_scores
 
 
@@ -24,7 +28,7 @@ def vtc_cls_scores(cls_attention: Tensor) -> Tensor:
 
 @register
 @dataclass
-class VTCCLS(Method):
+class VTCCLS(EncoderCut, Method):
     name: ClassVar[str] = "vtc-cls"
     sites: ClassVar[tuple[str, ...]] = ("pre_llm",)
     positions: ClassVar[str] = "renumber"
@@ -32,17 +36,23 @@ class VTCCLS(Method):
     keep: int | float = 64  # tokens per image (int) or ratio
     start_layer: int | None = None  # first encoder layer of the ensemble (negative counts from the end);
     # None: the official default 16 of CLIP-L's 24 layers, scaled to the tower's depth
+    encoder_block: int | None = None  # cut inside the vision encoder, after this block (see `EncoderCut`)
 
     def layers(self, info: ModelInfo) -> list[int]:
-        """Encoder layers start_layer .. feature layer (inclusive), as in the official `attentions[start:-1]`."""
-        scaled = min(round(16 * info.vision_layers / 24), info.vision_feature_layer)
+        """Encoder layers start_layer .. feature layer (inclusive), as in the official `attentions[start:-1]`.
+
+        At the encoder site the last layer is the block the cut follows.
+        """
+        cut = self.encoder_blocks(info)
+        last = cut[0] if cut else info.vision_feature_layer
+        scaled = min(round(16 * info.vision_layers / 24), last)
         start = scaled if self.start_layer is None else self.start_layer
-        layers = list(range(info.vision_layers))[start : info.vision_feature_layer + 1]
+        layers = list(range(info.vision_layers))[start : last + 1]
         if not layers:
-            raise VTPruneError(
-                f"start_layer={self.start_layer} selects no encoder layer; use a layer in "
-                f"0..{info.vision_feature_layer} (the feature layer) or a negative index up to -2"
+            where = f"0..{last} (the block the encoder cut follows)" if cut else (
+                f"0..{last} (the feature layer) or a negative index up to -2"
             )
+            raise VTPruneError(f"start_layer={self.start_layer} selects no encoder layer; use a layer in {where}")
         return layers
 
     def requests(self, info: ModelInfo) -> list[ClsAttention]:
