@@ -368,3 +368,9 @@ def test_blocks_run_without_the_tower_are_refused(tiny_clip, images):
     with pytest.raises(vtprune.VTPruneError, match="run the whole tower"):
         with vtprune.make("vtc-cls", keep=4)(tiny_clip):
             tiny_clip.visual.transformer(x)
+
+
+@pytest.mark.parametrize("name", sorted(NOT_ON_OPEN_CLIP))
+def test_language_model_methods_are_refused_with_the_reason(name):
+    with pytest.raises(vtprune.UnsupportedSignalError, match="open_clip"):
+        vtprune.make(name)(build_tiny_clip(seed=1))
