@@ -4,7 +4,9 @@
     python benchmarks/prefill.py --llm-layers 4 --repeats 2   # quicker
 
 For each method and budget: pruned prefill / dense prefill, and the overhead-free bound: the vision tower plus the dense
-language model fed a sequence of the pruned length (no scoring, no hooks) / dense prefill.
+language model fed a sequence of the pruned length (no scoring, no hooks) / dense prefill. Progressive methods (budgets
+given by presets) cut at several layers, so they have no single pruned length: their rows show the visual tokens at
+the LLM input and after the last cut, and the language model's FLOPs (all tokens, per-layer counts) against dense.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vtprune
+from vtprune.eval.flops import llm_flops, visual_tokens_per_layer
 from vtprune.eval.speed import median_seconds, prefill_seconds
 
 METHODS = {  # name -> options besides keep
@@ -22,6 +25,11 @@ METHODS = {  # name -> options besides keep
     "fastv": {"layer": 2},
     "random": {},
     "pool": {},
+    "visionzip": {},
+}
+PRESETS = {  # methods budgeted by presets (progressive, per-layer counts): name -> presets
+    "transprune": ["high", "low"],
+    "vflowopt": ["keep10", "keep25", "keep50"],
 }
 
 
@@ -46,7 +54,7 @@ def main() -> None:
     parser.add_argument("--llm-layers", type=int, default=16)
     parser.add_argument("--text-tokens", type=int, default=60, help="prompt text around the image")
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 192])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, *PRESETS])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -68,14 +76,34 @@ def main() -> None:
     print(f"LLaVA-1.5-shaped: CLIP-L/336 tower, Llama {args.llm_layers}x{args.llm_hidden} ({params:.0f}M params), "
           f"{len(ids)} prompt tokens (576 visual), random weights, CPU threads: {torch.get_num_threads()}")
     print(f"dense prefill {dense:.3f} s (vision tower {vision / dense:.0%} of it); ratios below are to dense\n")
-    print("| method | kept | prefill / dense | bound / dense | overhead (prefill / bound) |")
-    print("| --- | --- | --- | --- | --- |")
+    hidden, intermediate = lm.config.hidden_size, lm.config.intermediate_size
+    dense_flops = llm_flops([len(ids)] * args.llm_layers, hidden, intermediate)
+
+    def traced(method: vtprune.Method) -> vtprune.Trace:
+        with method(model) as trace:
+            model(**inputs, use_cache=True, logits_to_keep=1)
+        return trace
+
+    def flops_ratio(trace: vtprune.Trace) -> float:
+        visual = visual_tokens_per_layer(trace, args.llm_layers)
+        return llm_flops([len(ids) - 576 + n for n in visual], hidden, intermediate) / dense_flops
+
+    print("| method | budget | visual tokens | prefill / dense | bound / dense | overhead (prefill / bound) | LLM FLOPs / dense |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for keep in args.budgets:
         bound = vision + short_llm(args.text_tokens + keep)
-        for name in args.methods:
-            method = vtprune.make(name, keep=keep, **METHODS.get(name, {}))
+        for name in [n for n in args.methods if n in METHODS]:
+            method = vtprune.make(name, keep=keep, **METHODS[name])
             pruned = prefill_seconds(model, inputs, method, repeats=args.repeats)
-            print(f"| {name} | {keep} | {pruned / dense:.3f} | {bound / dense:.3f} | {pruned / bound:.3f} |", flush=True)
+            print(f"| {name} | keep={keep} | {keep} | {pruned / dense:.3f} | {bound / dense:.3f} | {pruned / bound:.3f} "
+                  f"| {flops_ratio(traced(method)):.3f} |", flush=True)
+    for name in [n for n in args.methods if n in PRESETS]:
+        for preset in PRESETS[name]:
+            method = vtprune.make(name, preset=preset)
+            trace = traced(method)
+            tokens = " -> ".join(str(n) for n in trace.visual_tokens()[0])
+            pruned = prefill_seconds(model, inputs, method, repeats=args.repeats)
+            print(f"| {name} | {preset} | {tokens} | {pruned / dense:.3f} | – | – | {flops_ratio(trace):.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,20 @@ def build_tiny_clip(seed: int = 0, **vision: object) -> nn.Module:
 def clip_images(count: int = 3, side: int = 32, seed: int = 2) -> torch.Tensor:
     """[count, 3, side, side] normalised-looking pixels."""
     return torch.randn(count, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def capture_llm_input(model: nn.Module, batch: dict, method) -> tuple[dict[str, torch.Tensor], object]:
+    """Run one forward with `method` attached; returns what the language model received ("embeds", "mask") and the
+    trace. The hook sits after vtprune's own, so it sees the pruned input."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.update(embeds=kwargs["inputs_embeds"].clone(), mask=kwargs["attention_mask"].clone())
+
+    with torch.no_grad(), method(model) as trace:
+        handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            model(**batch)
+        finally:
+            handle.remove()
+    return seen, trace

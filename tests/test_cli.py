@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from tests.helpers import build_tiny_llava, build_tiny_processor
 from vtprune.cli import main
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llava")
-    build_tiny_llava(seed=0).save_pretrained(folder)
-    build_tiny_processor().save_pretrained(folder)
-    return folder
 
 
 def test_run_prints_answers_counts_and_writes_heatmap(saved_model, tmp_path, capsys):
@@ -58,3 +48,14 @@ def test_example_runs_every_method_and_writes_heatmaps(saved_model, tmp_path, ca
     for name in ("random", "pool", "fastv"):
         assert f"| {name} | 4 |" in table
         assert (out / f"{name}.png").exists()
+
+
+def test_run_takes_a_preset_and_the_method_default_budget(saved_model, tmp_path, capsys):
+    image = tmp_path / "scene.png"
+    Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype("uint8")).save(image)
+    code = main(["run", "--model", str(saved_model), "--image", str(image), "--prompt", "w1 w2", "--method",
+                 "transprune", "--preset", "low", "--max-new-tokens", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "keep_ratios=(0.625, 0.1875, 0.0625)" in out
+    assert "visual tokens 16 -> 1" in out  # floor(16 * 0.0625) after the last of three cuts

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from .loading import load, prepare
     from .viz import heatmap
 
-    method = vtprune.make(args.method, keep=args.keep, **parse_options(args.option))
+    options = parse_options(args.option) if args.keep is None else {"keep": args.keep, **parse_options(args.option)}
+    method = vtprune.make(args.method, preset=args.preset, **options)
     model, processor = load(args.model, device=args.device)
     images = [Image.open(path) for path in args.image]
     inputs = prepare(processor, images, args.prompt, device=model.device)
@@ -77,7 +78,8 @@ def add_run(subparsers: Any) -> None:
     p.add_argument("--image", action="append", required=True, help="image file (repeat for several images)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--method", default="vtc-cls")
-    p.add_argument("--keep", type=parse_keep, default=64, help="visual tokens kept per image (int) or a ratio")
+    p.add_argument("--keep", type=parse_keep, help="visual tokens kept per image (int) or a ratio; default: the method's")
+    p.add_argument("--preset", help="a preset of the method (e.g. transprune: high, low) or a JSON file from `tune`")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option, repeatable")
     p.add_argument("--heatmap", help="write the image, the method's scores and the kept tokens to this PNG")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -90,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     import vtprune
 
     from .example import add_example
+    from .tune import add_tune
 
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for vision-language models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_run(subparsers)
     add_example(subparsers)
+    add_tune(subparsers)
     subparsers.add_parser("methods", help="list the available methods").set_defaults(
         func=lambda args: print("\n".join(vtprune.available())) or 0
     )

@@ -16,6 +16,9 @@ KEEP_ALL = {
     "random": dict(keep=1.0),
     "pool": dict(keep=GRID * GRID),
     "gui-kv": dict(keep=1.0),  # each image counts as a screenshot; the last one of a sample is the current one
+    "transprune": dict(keep_ratios=(1.0, 1.0, 1.0)),
+    "vflowopt": dict(vit_keep=1.0, llm_keep1=1.0, llm_keep2=1.0),  # vit_keep=1 bypasses stage V (no recycling)
+    "visionzip": dict(keep=GRID * GRID, contextual=0, cls_token=False),
 }
 NOT_ON_LLAVA: set[str] = set()  # methods the LLaVA adapter refuses
 
@@ -51,7 +54,11 @@ KEEP_FOUR = {
     "fastv": dict(keep=4, layer=2),
     "random": dict(keep=4, seed=3),
     "pool": dict(keep=4),
+    "transprune": dict(keep_ratios=(0.25,), prune_layers=(2,)),
+    "vflowopt": dict(vit_keep=0.25, cell=4.0, llm_keep1=1.0, llm_keep2=1.0),  # 16 - 12 - 1 + 1 recycled = 4
+    "visionzip": dict(keep=4),  # [CLS], 2 dominant patches, 1 contextual token
 }  # gui-kv compresses the cache, not the sequence: see test_kv_cache_site_compresses_every_layer below
+FIRST_CUT = {"fastv": 2, "transprune": 2}  # decoder layer before which the sequence shortens (0: the LLM input)
 
 
 @pytest.mark.parametrize("name", sorted(KEEP_FOUR))
@@ -75,7 +82,7 @@ def test_keep_k_shortens_sequence_and_cache(tiny_llava, batch, name):
             h.remove()
     kept_lengths = text + 4 * images  # text + K per image, per sample
     full = batch["input_ids"].shape[1]
-    cut = KEEP_FOUR[name].get("layer", 0)
+    cut = FIRST_CUT.get(name, 0)
     pruned = int(kept_lengths.max())  # ragged samples are left padded to the longest
     for index in range(len(layers)):
         expected = full if index < cut else pruned
@@ -83,6 +90,25 @@ def test_keep_k_shortens_sequence_and_cache(tiny_llava, batch, name):
         assert out.cache.get_seq_length(index) == expected
     assert [after for _, after in trace.visual_tokens()] == [4, 8]
     assert out.logits.shape[1] == pruned
+
+
+@pytest.mark.parametrize("name", sorted(set(KEEP_FOUR) - {"random"}))  # random's draws depend on the batch
+def test_generate_batched_with_left_padding_equals_each_sample_alone(tiny_llava, batch, name):
+    """Batch 2, left padding, several images: each sample decodes as it would alone (no padding, batch 1)."""
+    method = vtprune.make(name, **KEEP_FOUR[name])
+    with torch.no_grad(), method(tiny_llava) as trace:
+        sequences, steps = generate(tiny_llava, batch)
+        singles = []
+        for b, images in ((0, slice(0, 1)), (1, slice(1, 3))):
+            real = batch["attention_mask"][b].bool()
+            alone = {"input_ids": batch["input_ids"][b : b + 1, real], "pixel_values": batch["pixel_values"][images]}
+            singles.append(generate(tiny_llava, alone))
+    for b, (single_sequences, single_steps) in enumerate(singles):
+        torch.testing.assert_close(steps[b], single_steps[0], atol=1e-5, rtol=0)
+        assert sequences[b, -4:].tolist() == single_sequences[0, -4:].tolist()
+        kept = [s.kept.tolist() for s in trace.forwards[0].sites if s.sample == b]
+        assert kept == [s.kept.tolist() for s in trace.forwards[1 + b].sites]
+    assert [after for _, after in trace.visual_tokens(0)] == [4, 8]
 
 
 def test_padding_added_for_ragged_keep_counts_is_masked(tiny_llava, batch):

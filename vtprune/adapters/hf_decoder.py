@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -29,8 +30,9 @@ from ..core.attention import attention_rows
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout
 from ..core.method import SiteContext
+from ..core.plan import KeepPlan, Merge
 from ..core.session import ForwardRecord
-from ..core.signals import PrefillKV, QueryAttention
+from ..core.signals import PrefillKV, ProjectorInput, QueryAttention, Transitions, TransitionStats
 from .cuts import merge_planned, site_records
 
 if TYPE_CHECKING:
@@ -66,6 +68,7 @@ class PrefillState:
     layer_input: Tensor | None = None  # prefill: the input of the decoder layer running now (kv_cache site)
     cache_masks: dict[int, Tensor] = field(default_factory=dict)  # layer -> [B, C] mask of its compressed cache
     call_layer_masks: dict[Any, Any] = field(default_factory=dict)  # decoding: layer masks built for the current call
+    attention_transition: tuple[Tensor, Tensor] | None = None  # (ratio, cosine) of the attention module just run
 
 
 def _kwarg(args: tuple, kwargs: dict, name: str, index: int) -> Any:
@@ -98,7 +101,9 @@ class DecoderCutter:
         self.state: PrefillState | None = None
 
     # ----------------------------------------------------------------------------------------------- attaching
-    def attach(self, method: "Method", trace: "Trace", queries: list[QueryAttention]) -> None:
+    def attach(
+        self, method: "Method", trace: "Trace", queries: list[QueryAttention], transitions: list[Transitions] = ()
+    ) -> None:
         self.method, self.trace, self.state = method, trace, None
         n_layers = len(self.layers)
         self.sites = method.cut_sites(self.adapter.info)
@@ -120,6 +125,19 @@ class DecoderCutter:
             if request.queries not in ("last", "after_visual", "text"):
                 raise VTPruneError(f"QueryAttention queries={request.queries!r}: use 'last', 'after_visual' or 'text'")
             self.queries.setdefault(request.layer, []).append(request)
+        self.transitions: dict[int, list[Transitions]] = {}
+        for request in transitions:
+            for layer in request.layers:
+                if not 0 <= layer < n_layers or (self.cuts and layer >= self.cuts[-1]):
+                    raise VTPruneError(
+                        f"Transitions at layer {layer}: a cut must follow it (the model has layers 0..{n_layers - 1}, "
+                        f"the last cut sits before layer {self.cuts[-1] if self.cuts else None})"
+                    )
+                self.transitions.setdefault(layer, []).append(request)
+        for layer in self.transitions:
+            modules = (self.layers[layer].self_attn, self.layers[layer].mlp)
+            for which, module in enumerate(modules):
+                self.adapter.hook(module, self._transition_hook(layer, which), pre=False)
         self.cache_site = None
         if "kv_cache" in method.sites:
             from .hf_cache import CacheSite
@@ -239,6 +257,33 @@ class DecoderCutter:
 
         return hook
 
+    def _transition_hook(self, index: int, which: int):
+        """Forward hook on layer `index`'s attention (which=0) or MLP (which=1): norm ratio and cosine, in fp32."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            state = self.state
+            if state is None or state.call_mask is not None:  # only during a prefill inside the session
+                return
+            x_in = _kwarg(args, kwargs, "hidden_states", 0).detach().float()
+            x_out = (output[0] if isinstance(output, tuple) else output).detach().float()
+            ratio = x_out.norm(dim=-1) / x_in.norm(dim=-1)
+            cosine = F.cosine_similarity(x_in, x_out, dim=-1, eps=1e-8)
+            if which == 0:
+                state.attention_transition = (ratio, cosine)
+            else:
+                segment = next(s for s in reversed(state.segments) if s.start <= index)
+                attn_ratio, attn_cosine = state.attention_transition
+                stats = TransitionStats(
+                    ratio=torch.stack([attn_ratio, ratio], dim=1),
+                    cosine=torch.stack([attn_cosine, cosine], dim=1),
+                    mask=segment.mask2d,
+                    layout=state.layout,
+                )
+                for request in self.transitions[index]:
+                    state.signals.setdefault(request, {})[index] = stats
+
+        return hook
+
     def _with_segment(self, kwargs: dict, segment: Segment) -> dict:
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = segment.attention_mask
@@ -293,7 +338,7 @@ class DecoderCutter:
         ctx = SiteContext(
             site=site,
             layout=state.layout,
-            signals=signals,
+            signals={k: dict(v) if isinstance(v, dict) else v for k, v in signals.items()},
             info=self.adapter.info,
             hidden_states=hidden,
             layer=layer,
@@ -312,7 +357,7 @@ class DecoderCutter:
         state.record.sites.extend(site_records(ctx, plan))
         device = hidden.device
         if any(plan.merges):
-            hidden = merge_planned(hidden, plan, layout)
+            hidden = merge_planned(hidden, plan, layout, lambda x, merges: self._encoder_merge(ctx, x, merges))
         # keep text and kept visual tokens; padding is dropped too (the batch is left-padded again below)
         real = segment.mask2d.bool().cpu()
         keep = [positions[real[b, positions]] for b, positions in enumerate(plan.keep_positions(layout))]
@@ -325,8 +370,58 @@ class DecoderCutter:
             lookup = torch.zeros(layout.seq_len, dtype=torch.long)
             lookup[keep[b]] = torch.arange(keep[b].numel()) + (new_length - keep[b].numel())
             new_position.append(lookup)
-        state.layout = layout.after_keep(plan.keep, new_position, new_length)
+        if plan.order is not None:
+            hidden = self._reorder(hidden, plan, layout, new_position)
+        order = [plan.sequence_order(b).cpu() for b in range(layout.batch_size)]
+        state.layout = layout.after_keep(order, new_position, new_length)
         return hidden, Segment(start, mask2d, positions, offset)
+
+    @staticmethod
+    def _reorder(hidden: Tensor, plan: KeepPlan, layout: VisualLayout, new_position: list[Tensor]) -> Tensor:
+        """Permute the compacted hidden states so kept slot i (ascending) holds the contents of plan.order[i]."""
+        source = torch.arange(hidden.shape[1]).repeat(hidden.shape[0], 1)  # [B, L']
+        for b in range(layout.batch_size):
+            visual = layout.visual_positions(b)
+            slots = new_position[b][visual[plan.keep[b].cpu()]]
+            source[b, slots] = new_position[b][visual[plan.order[b].cpu()]]
+        index = source.to(hidden.device)[..., None].expand_as(hidden)
+        return torch.gather(hidden, 1, index)
+
+    def _encoder_merge(self, ctx: SiteContext, hidden: Tensor, merges_per_sample: list[list[Merge]]) -> Tensor:
+        """Write merges of encoder tokens into their slots: projector(sum(weights * projector input rows))."""
+        features = ctx.signals.get(ProjectorInput())
+        project = getattr(self.adapter, "project", None)
+        if ctx.site != "pre_llm" or features is None or project is None:
+            raise VTPruneError(
+                f"method {self.method.name!r} merges encoder tokens (space='encoder'): that needs the pre_llm site, "
+                "an adapter with a projector and the ProjectorInput signal requested"
+            )
+        layout = ctx.layout
+        batch, slot, rows, weights, segment = [], [], [], [], []
+        for b, merges in enumerate(merges_per_sample):
+            positions = layout.visual_positions(b)
+            slices = layout.ordinal_slices(b)
+            image_of = torch.cat([torch.full((sl.stop - sl.start,), span.image) for span, sl in slices])
+            for merge in merges:
+                tokens = merge.sources.cpu()
+                if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= features.shape[1]):
+                    raise VTPruneError(f"encoder merge sources must lie in 0..{features.shape[1] - 1}")
+                batch.append(b)
+                slot.append(int(positions[merge.slot]))
+                rows.append(int(image_of[merge.slot]) * features.shape[1] + tokens)
+                weights.append(merge.weights.float().cpu())
+                segment.append(torch.full((tokens.numel(),), len(slot) - 1))
+        flat = features.reshape(-1, features.shape[-1])
+        weighted = flat[torch.cat(rows).to(flat.device)].float() * torch.cat(weights).to(flat.device)[:, None]
+        sums = torch.zeros(len(slot), flat.shape[-1], dtype=torch.float32, device=flat.device)
+        sums.index_add_(0, torch.cat(segment).to(flat.device), weighted)
+        with torch.no_grad():
+            values = project(sums.to(features.dtype))  # [n, D_llm]
+        hidden = hidden.clone()
+        hidden[torch.tensor(batch, device=hidden.device), torch.tensor(slot, device=hidden.device)] = values.to(
+            device=hidden.device, dtype=hidden.dtype
+        )
+        return hidden
 
     def reposition(
         self, mode: str, layout: VisualLayout, keep: list[Tensor], positions: Tensor, offset: Tensor
@@ -408,7 +503,8 @@ class DecoderCutter:
 
     @staticmethod
     def _project(attn: nn.Module, proj: nn.Module, x: Tensor, norm_name: str) -> Tensor:
-        states = proj(x).view(x.shape[0], x.shape[1], -1, attn.head_dim)
+        states = proj(x)
+        states = states.view(x.shape[0], x.shape[1], states.shape[-1] // attn.head_dim, attn.head_dim)
         norm = getattr(attn, norm_name, None)
         if norm is not None:
             states = norm(states)

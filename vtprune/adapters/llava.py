@@ -3,8 +3,9 @@
 Visual tokens: each `<image>` placeholder expands to the patch features of one image (24×24 = 576 for
 LLaVA-1.5-7B), in row-major patch order; [CLS] is dropped unless `vision_feature_select_strategy="full"`.
 Sites: `pre_llm` (compact the language model's input), `llm_layer` (cut between decoder layers) and `kv_cache`
-(compress each layer's cache after prefill). Signals: `ClsAttention` (recomputed from the CLIP tower's q/k),
-`QueryAttention`, `PixelValues`, `PrefillKV`.
+(compress each layer's cache after prefill). Signals: `ClsAttention`, `VisionAttention`, `VisionKeys` (recomputed
+from the CLIP tower's q/k), `PixelValues`, `ProjectorInput` (the feature layer's output with [CLS]; enables
+pre-projector merges), and from the language model `QueryAttention`, `Transitions`, `PrefillKV`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from ..core.adapter import Adapter, register_adapter
 from ..core.attention import attention_rows
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout, VisualSpan
-from ..core.signals import ClsAttention, ModelInfo, PixelValues, PrefillKV, QueryAttention
+from ..core.signals import (
+    ClsAttention,
+    ModelInfo,
+    PixelValues,
+    PrefillKV,
+    ProjectorInput,
+    QueryAttention,
+    Transitions,
+    VisionAttention,
+    VisionKeys,
+)
 from .hf_decoder import DecoderCutter, _kwarg, prompt_input_ids
 
 if TYPE_CHECKING:
@@ -51,20 +62,45 @@ def cls_rows(attn: nn.Module, hidden: Tensor) -> Tensor:
     return attention_rows(cls_query, keys, attn.scale)[:, :, 0, 1:]
 
 
+def full_attention(attn: nn.Module, hidden: Tensor) -> Tensor:
+    """[N, T, T]: softmax attention among all T tokens, mean over heads, float32 (from the block's own q/k)."""
+    n, t, _ = hidden.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    queries = attn.q_proj(hidden).view(n, t, heads, head_dim).transpose(1, 2)
+    keys = attn.k_proj(hidden).view(n, t, heads, head_dim).transpose(1, 2)
+    return attention_rows(queries, keys, attn.scale).mean(dim=1)
+
+
+def mean_keys(attn: nn.Module, hidden: Tensor) -> Tensor:
+    """[N, T, head_dim]: the block's key vectors (bias included), averaged over heads, float32."""
+    n, t, _ = hidden.shape
+    return attn.k_proj(hidden).float().view(n, t, attn.num_heads, attn.head_dim).mean(dim=2)
+
+
 class VisionSignals:
     """Captures the vision encoder's signals (per image) while it runs; reused until it runs again."""
 
-    def __init__(self, adapter: Adapter, vision_tower: nn.Module, requests: list[Any]) -> None:
+    def __init__(self, adapter: Adapter, vision_tower: nn.Module, requests: list[Any], feature_layers: list[int]) -> None:
         self.adapter, self.values, self._rows = adapter, {}, {}
         layers = encoder_layers(vision_tower)
+        self.n_layers = len(layers)
         self.cls_requests = [r for r in requests if isinstance(r, ClsAttention)]
         self.want_pixels = any(isinstance(r, PixelValues) for r in requests)
-        wanted = sorted({self._resolve(l, len(layers)) for r in self.cls_requests for l in r.layers})
+        per_layer: dict[int, list[Any]] = {}  # encoder layer -> requests computed from its attention input
+        for request in requests:
+            if isinstance(request, ClsAttention):
+                for layer in request.layers:
+                    per_layer.setdefault(self._resolve(layer, len(layers)), []).append(request)
+            elif isinstance(request, (VisionAttention, VisionKeys)):
+                per_layer.setdefault(self._resolve(request.layer, len(layers)), []).append(request)
         adapter.hook(vision_tower, self._on_tower_start)
         adapter.hook(vision_tower, self._on_tower_end, pre=False)
-        for index in wanted:
-            adapter.hook(layers[index].self_attn, self._capture(index))
-        self.n_layers = len(layers)
+        for index, layer_requests in sorted(per_layer.items()):
+            adapter.hook(layers[index].self_attn, self._capture(index, layer_requests))
+        self.feature_layers = feature_layers
+        if any(isinstance(r, ProjectorInput) for r in requests):
+            for index in feature_layers:
+                adapter.hook(layers[index], self._capture_output(index), pre=False)
 
     @staticmethod
     def _resolve(layer: int, n_layers: int) -> int:
@@ -77,10 +113,23 @@ class VisionSignals:
         if self.want_pixels:
             self.values[PixelValues()] = _kwarg(args, kwargs, "pixel_values", 0).detach()
 
-    def _capture(self, index: int):
+    def _capture(self, index: int, requests: list[Any]):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = _kwarg(args, kwargs, "hidden_states", 0)
             with torch.no_grad():
-                self._rows[index] = cls_rows(module, _kwarg(args, kwargs, "hidden_states", 0))
+                if any(isinstance(r, ClsAttention) for r in requests):
+                    self._rows[index] = cls_rows(module, hidden)
+                for request in requests:
+                    if isinstance(request, VisionAttention):
+                        self.values[request] = full_attention(module, hidden)
+                    elif isinstance(request, VisionKeys):
+                        self.values[request] = mean_keys(module, hidden)
+
+        return hook
+
+    def _capture_output(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            self._rows[("output", index)] = (output[0] if isinstance(output, tuple) else output).detach()
 
         return hook
 
@@ -88,6 +137,9 @@ class VisionSignals:
         for request in self.cls_requests:
             rows = [self._rows[self._resolve(l, self.n_layers)] for l in request.layers]
             self.values[request] = torch.stack(rows, dim=1)  # [N, layers, heads, patches]
+        if ("output", self.feature_layers[0]) in self._rows:
+            outputs = [self._rows[("output", index)] for index in self.feature_layers]
+            self.values[ProjectorInput()] = torch.cat(outputs, dim=-1)  # as LLaVA concatenates feature layers
 
     def for_layout(self, layout: VisualLayout) -> dict[Any, Any]:
         for request, value in self.values.items():
@@ -103,7 +155,9 @@ class VisionSignals:
 class LlavaAdapter(Adapter):
     family = "llava"
     sites = frozenset({"pre_llm", "llm_layer", "kv_cache"})
-    signals = frozenset({ClsAttention, QueryAttention, PixelValues, PrefillKV})
+    signals = frozenset(
+        {ClsAttention, QueryAttention, PixelValues, PrefillKV, Transitions, VisionAttention, VisionKeys, ProjectorInput}
+    )
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -122,8 +176,12 @@ class LlavaAdapter(Adapter):
         self.grid = (side, side)
         self.with_cls = config.vision_feature_select_strategy == "full"
         feature_layer = config.vision_feature_layer
-        feature_layer = feature_layer if isinstance(feature_layer, int) else feature_layer[-1]
         n_vision = len(encoder_layers(self.vision_tower))
+        # hidden_states[i] is the output of encoder layer i-1 (hidden_states[0]: the embeddings)
+        self.feature_layers = [
+            i % (n_vision + 1) - 1 for i in ([feature_layer] if isinstance(feature_layer, int) else feature_layer)
+        ]
+        feature_layer = feature_layer if isinstance(feature_layer, int) else feature_layer[-1]
         self._info = ModelInfo(
             family=self.family,
             llm_layers=len(self.language_model.layers),
@@ -141,10 +199,21 @@ class LlavaAdapter(Adapter):
 
     def attach(self, method: "Method", trace: "Trace") -> None:
         requests = method.requests(self.info)
-        self.vision = VisionSignals(self, self.vision_tower, requests)
+        if any(isinstance(r, ProjectorInput) for r in requests) and min(self.feature_layers) < 0:
+            raise VTPruneError("ProjectorInput needs vision features taken from an encoder layer, not the embeddings")
+        self.vision = VisionSignals(self, self.vision_tower, requests, self.feature_layers)
         self.hook(self.model.model, self._on_model)
-        self.cutter.attach(method, trace, [r for r in requests if isinstance(r, QueryAttention)])
+        self.cutter.attach(
+            method,
+            trace,
+            [r for r in requests if isinstance(r, QueryAttention)],
+            [r for r in requests if isinstance(r, Transitions)],
+        )
         self.on_detach(self._forget)
+
+    def project(self, features: Tensor) -> Tensor:
+        """The model's projector on vision features [n, D_vision] -> language-model inputs [n, D_llm]."""
+        return self.model.model.multi_modal_projector(features)
 
     def _forget(self) -> None:
         self._layout = None

@@ -78,7 +78,8 @@ class VisualLayout:
         return mask
 
     def after_keep(self, kept_ordinals: list[Tensor], new_position: list[Tensor], new_seq_len: int) -> "VisualLayout":
-        """The layout after keeping `kept_ordinals[b]` (ascending) of each sample.
+        """The layout after keeping `kept_ordinals[b]` of each sample, listed in the order they take in the new sequence
+        (ascending, unless a plan reorders tokens within an image).
 
         `new_position[b][p]` is the new sequence position of old position p (only read at kept positions).
         """
@@ -90,7 +91,7 @@ class VisualLayout:
                 inside = kept[(kept >= sl.start) & (kept < sl.stop)]
                 local = inside - sl.start
                 if inside.numel():
-                    start = int(new_position[b][span.start + int(local[0])])
+                    start = int(new_position[b][span.start + int(local.min())])
                 else:  # every token of the span was dropped: an empty span where it would have been
                     start = int(new_position[b][: span.start + 1].max()) if span.start > 0 else 0
                 sample_spans.append(replace(span, start=start, patch_index=span.patch_index[local]))

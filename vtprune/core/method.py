@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
@@ -44,6 +47,7 @@ class Method(ABC):
     name: ClassVar[str] = ""
     sites: ClassVar[tuple[str, ...]] = ("pre_llm",)  # the sites the method cuts at (see `cut_sites`)
     positions: ClassVar[str] = "renumber"  # "renumber": kept tokens get contiguous positions; "original": keep theirs
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named option sets, `make(name, preset=...)`
 
     def __post_init__(self) -> None:
         if hasattr(self, "keep"):
@@ -110,11 +114,31 @@ def method_class(name: str) -> type[Method]:
     return _METHODS[name]
 
 
-def make(name: str, **options: Any) -> Method:
-    """Build a registered method with its options, e.g. `make("vtc-cls", keep=64, start_layer=16)`."""
+def make(name: str, preset: str | os.PathLike | None = None, **options: Any) -> Method:
+    """Build a registered method with its options, e.g. `make("vtc-cls", keep=64, start_layer=16)`.
+
+    `preset`: one of the method's named presets (`method_class(name).presets`) or the path of a JSON preset written
+    by `vtprune tune`; options given here override the preset's.
+    """
     cls = method_class(name)
+    if preset is not None:
+        options = {**load_preset(cls, preset), **options}
     known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     unknown = sorted(set(options) - known)
     if unknown:
         raise VTPruneError(f"method {name!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(known))}")
     return cls(**options)
+
+
+def load_preset(cls: type[Method], preset: str | os.PathLike) -> dict[str, Any]:
+    """The options of a named preset of `cls`, or of a JSON preset file {"method": name, "options": {...}}."""
+    if isinstance(preset, str) and preset in cls.presets:
+        return dict(cls.presets[preset])
+    path = Path(preset)
+    if not path.is_file():
+        names = ", ".join(sorted(cls.presets)) or "none"
+        raise VTPruneError(f"{preset!r} is neither a preset of {cls.name!r} (its presets: {names}) nor a JSON file")
+    data = json.loads(path.read_text())
+    if data.get("method") != cls.name:
+        raise VTPruneError(f"preset {str(path)!r} is for method {data.get('method')!r}, not {cls.name!r}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data["options"].items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,14 +14,18 @@ from .layout import VisualLayout
 
 @dataclass
 class Merge:
-    """A token made from several visual tokens: it takes the slot of `slot` and the value sum(weights * sources).
+    """A token made from several tokens: it takes the slot of `slot` and the value sum(weights * sources).
 
-    All three are visual ordinals of one sample at the site. `slot` must be among the kept ordinals.
+    `slot` is a visual ordinal of one sample at the site and must be among the kept ordinals. With space="sequence"
+    the sources are visual ordinals too, combined from the hidden states at the site. With space="encoder" (pre_llm
+    only, needs the `ProjectorInput` signal) they are token indices of the slot's image in the vision encoder's
+    sequence ([CLS] first when the tower has one), combined before the projector, which then maps the result.
     """
 
     slot: int
     sources: Tensor  # [m] long
     weights: Tensor  # [m] float
+    space: str = "sequence"  # "sequence" | "encoder"
 
 
 @dataclass
@@ -35,6 +40,10 @@ class KeepPlan:
     scores: list[Tensor] | None = None  # per sample: [n_visual] score of every visual token (trace, heatmaps)
     merges: list[list[Merge]] = field(default_factory=list)  # per sample (empty list: no merges)
     heads: list[Tensor] | None = None  # kv_cache site, per sample: [H_c, C_b] kept sequence positions per head
+    # per sample: the kept ordinals in the order their contents take in the new sequence (None: ascending). The
+    # contents of kept slots are permuted within each image; positions belong to the slots.
+    order: list[Tensor] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)  # anything the method reports for the trace
 
     def validate(self, layout: VisualLayout) -> None:
         if len(self.keep) != layout.batch_size:
@@ -50,6 +59,21 @@ class KeepPlan:
             for merge in merges:
                 if merge.slot not in kept:
                     raise VTPruneError(f"merge slot {merge.slot} of sample {b} is not a kept token")
+                if merge.space not in ("sequence", "encoder"):
+                    raise VTPruneError(f"merge space {merge.space!r}: use 'sequence' or 'encoder'")
+        for b, order in enumerate(self.order or []):
+            kept = self.keep[b].cpu()
+            if not torch.equal(torch.sort(order.cpu()).values, kept):
+                raise VTPruneError(f"plan's order of sample {b} is not a permutation of its kept ordinals")
+            image_of = torch.zeros(layout.num_visual(b), dtype=torch.long)
+            for i, (_, sl) in enumerate(layout.ordinal_slices(b)):
+                image_of[sl] = i
+            if not torch.equal(image_of[order.cpu()], image_of[kept]):
+                raise VTPruneError(f"plan's order of sample {b} moves tokens between images")
+
+    def sequence_order(self, sample: int) -> Tensor:
+        """The kept ordinals of `sample` in the order they take in the new sequence."""
+        return self.keep[sample] if self.order is None else self.order[sample]
 
     def keep_positions(self, layout: VisualLayout) -> list[Tensor]:
         """Per sample, the sorted sequence positions to keep: every non-visual position plus the kept visual ones."""

@@ -25,8 +25,11 @@ class SiteRecord:
     before: Tensor  # ordinals present before the cut
     kept: Tensor  # ordinals present after the cut (merged tokens sit at a kept ordinal)
     scores: Tensor | None = None  # [len(before)] the method's score of each token present before the cut
-    merged: list[dict[str, Any]] = field(default_factory=list)  # {"slot", "sources", "weights"} in ordinals
+    # merged tokens: {"slot", "sources", "weights", "space"} in ordinals; for space "encoder" also "encoder_tokens"
+    # (the encoder's token indices), and "sources" holds -1 for a token that is no patch (e.g. [CLS])
+    merged: list[dict[str, Any]] = field(default_factory=list)
     cache_positions: Tensor | None = None  # kv_cache site: [H_c, C] positions (in the layer's sequence) each head kept
+    notes: dict[str, Any] = field(default_factory=dict)  # what the method reported (KeepPlan.notes)
 
     @property
     def visual_before(self) -> int:
@@ -108,6 +111,10 @@ class Trace:
             scores[patch[is_patch]] = full[sl][is_patch]
         present = torch.zeros(record.layout.num_visual(sample), dtype=torch.bool)
         present[sites[-1].kept if sites else torch.arange(record.layout.num_visual(sample))] = True
+        for site in sites:  # a slot whose merged value does not draw on its own token no longer shows that patch
+            for merge in site.merged:
+                if merge["slot"] not in merge["sources"]:
+                    present[merge["slot"]] = False
         kept[patch[is_patch]] = present[sl][is_patch]
         return scores.view(rows, cols), kept.view(rows, cols)
 

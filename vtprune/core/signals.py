@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .layout import VisualLayout
+
 
 @dataclass(frozen=True)
 class ClsAttention:
@@ -82,3 +84,57 @@ class LayerKV:
     residual: Tensor  # [B, L, D] the decoder layer's input (the residual stream)
     key_mask: Tensor  # [B, L] bool, False at padding
     keys_pre_rope: Tensor | None = None  # [B, H_c, L, d] the same keys before RoPE, if requested
+
+
+@dataclass(frozen=True)
+class Transitions:
+    """How much each decoder layer's attention and MLP modules transform every token, measured during prefill.
+
+    For each layer in `layers` (0-based) and module (0: self-attention, 1: MLP), the module's own input (the output of
+    the norm in front of it) and its output (before the residual add) are compared per token in float32: the norm
+    ratio ||out|| / ||in|| (no epsilon) and the cosine of the angle between them (eps 1e-8).
+    Value: dict layer -> `TransitionStats`, holding the requested layers that have run so far in this forward.
+    """
+
+    layers: tuple[int, ...]
+
+
+@dataclass
+class TransitionStats:
+    """The value of one layer of `Transitions`, on the sequence as that layer saw it (before later cuts)."""
+
+    ratio: Tensor  # [B, 2, L] ||out|| / ||in|| per module and token
+    cosine: Tensor  # [B, 2, L] cos(in, out)
+    mask: Tensor  # [B, L] 1 at real tokens, 0 at padding
+    layout: VisualLayout  # the visual tokens of that sequence (`original_ordinal` links them to later sequences)
+
+
+@dataclass(frozen=True)
+class VisionAttention:
+    """Post-softmax self-attention of one vision encoder layer among all its tokens, mean over heads, float32.
+
+    Recomputed from the layer's own q/k (the encoder keeps running with SDPA). Token order is the encoder's: [CLS]
+    first when the tower has one (`ModelInfo.vision_has_cls`), then the patches row-major.
+    Value: tensor [num_images, T, T] (rows are queries, columns keys).
+    """
+
+    layer: int
+
+
+@dataclass(frozen=True)
+class VisionKeys:
+    """Key vectors of one vision encoder layer (its k projection, bias included), averaged over heads.
+
+    Value: tensor [num_images, T, head_dim], tokens in the encoder's order ([CLS] first when present).
+    """
+
+    layer: int
+
+
+@dataclass(frozen=True)
+class ProjectorInput:
+    """The vision features that feed the projector, for every encoder token ([CLS] kept even where the model drops it).
+
+    Requesting it lets a pre_llm plan hold merges with `space="encoder"`: the adapter combines rows of this tensor
+    and passes the result through the model's projector. Value: tensor [num_images, T, D_vision], encoder token order.
+    """

@@ -1,0 +1,80 @@
+"""VisionZip: the language model receives exactly the official token sequence, merged before the projector."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vtprune
+from tests.helpers import build_tiny_llava, capture_llm_input
+
+
+def official_tokens(batch, dominant, contextual):
+    """Per image, the official VisionZip output computed from an eager run, then projected: [images, D + C, D_llm]."""
+    eager = build_tiny_llava(seed=0, attn="eager")
+    with torch.no_grad():
+        out = eager.model.vision_tower(batch["pixel_values"], output_attentions=True, output_hidden_states=True)
+        layer = 1  # LLaVA's vision_feature_layer=-2 of a 3-layer tower: the output of layer 1
+        attention, features = out.attentions[layer], out.hidden_states[layer + 1]  # [N, H, 17, 17], [N, 17, D]
+        block = eager.model.vision_tower.encoder.layers[layer]
+        keys = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[layer]))
+        keys = keys.view(*keys.shape[:2], 2, -1).mean(dim=2)  # head mean
+        images = []
+        for a, x, k in zip(attention, features, keys):
+            top = torch.topk(a[:, 0, 1:].sum(dim=0), dominant - 1).indices + 1
+            chosen = torch.zeros(17, dtype=torch.bool)
+            chosen[0], chosen[top] = True, True
+            dominant_tokens = x[chosen]  # [CLS] first, then raster order
+            remaining = (~chosen).nonzero().squeeze(1)
+            step = max(1, len(remaining) // contextual)
+            target_local = torch.arange(0, len(remaining), step)[:contextual]
+            is_target = torch.zeros(len(remaining), dtype=torch.bool)
+            is_target[target_local] = True
+            normed = F.normalize(k[remaining], dim=-1)
+            assign = (normed[~is_target] @ normed[is_target].T).argmax(dim=1)
+            merged = []
+            for j, t in enumerate(remaining[is_target]):
+                members = x[remaining[~is_target][assign == j]]
+                merged.append(x[t] + (members.mean(dim=0) if len(members) else 0))
+            images.append(eager.model.multi_modal_projector(torch.cat([dominant_tokens, torch.stack(merged)])))
+    return torch.stack(images)
+
+
+def test_language_model_receives_the_official_sequence(tiny_llava, batch):
+    seen, trace = capture_llm_input(tiny_llava, batch, vtprune.make("visionzip", keep=7, contextual=2))
+    expected = official_tokens(batch, dominant=5, contextual=2)  # [3 images, 7, D]
+    sample1 = seen["embeds"][1]  # [BOS, 5, image 1 (7), 10, image 2 (7), 7, 11]
+    torch.testing.assert_close(sample1[2:9], expected[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sample1[10:17], expected[2], atol=1e-5, rtol=0)
+    real = seen["mask"][0].bool()
+    torch.testing.assert_close(seen["embeds"][0, real][3:10], expected[0], atol=1e-5, rtol=0)
+    site = trace.forwards[0].sites[0]
+    cls = [m for m in site.merged if m["encoder_tokens"] == [0]]
+    assert len(cls) == 1 and cls[0]["sources"] == [-1]  # [CLS], no patch, carried by a merged patch's slot
+    contextual = [m for m in site.merged if m["encoder_tokens"] != [0]]
+    assert len(contextual) == 2 and all(m["slot"] == m["sources"][0] and m["weights"][0] == 1.0 for m in contextual)
+    assert sum(len(m["sources"]) for m in contextual) == 16 - 4  # every non-dominant patch feeds a contextual token
+    _, kept_map = trace.image_map(0)
+    assert int(kept_map.sum()) == 4 + 2  # dominant patches and targets; the [CLS] carrier slot is no patch of it
+
+
+def test_projected_merge_is_an_explicit_approximation(tiny_llava, batch):
+    exact, _ = capture_llm_input(tiny_llava, batch, vtprune.make("visionzip", keep=6, contextual=2, cls_token=False))
+    approx, _ = capture_llm_input(
+        tiny_llava, batch, vtprune.make("visionzip", keep=6, contextual=2, cls_token=False, merge_space="projected")
+    )
+    same = torch.isclose(exact["embeds"], approx["embeds"], atol=1e-6).all(dim=-1)[1, 2:8]
+    assert same.tolist() == [True] * 4 + [False] * 2  # dominant tokens agree, merged ones differ (non-linear MLP)
+    with pytest.raises(vtprune.VTPruneError, match="cannot carry \\[CLS\\]"):
+        vtprune.make("visionzip", merge_space="projected")
+
+
+def test_paper_split_and_budget_errors(tiny_llava, batch):
+    assert [round(k * 10 / 64) for k in (64, 128, 192)] == [10, 20, 30]
+    _, trace = capture_llm_input(tiny_llava, batch, vtprune.make("visionzip", keep=12))  # round(12 * 10/64) = 2 contextual
+    assert sum(m["encoder_tokens"] != [0] for m in trace.forwards[0].sites[0].merged) == 2
+    with pytest.raises(vtprune.VTPruneError, match="more than the 16 visual tokens"):
+        capture_llm_input(tiny_llava, batch, vtprune.make("visionzip", keep=17))
+    with pytest.raises(vtprune.VTPruneError, match="leaves no room"):
+        capture_llm_input(tiny_llava, batch, vtprune.make("visionzip", keep=2, contextual=2))

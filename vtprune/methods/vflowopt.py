@@ -1,0 +1,308 @@
+"""VFlowOpt (Yang et al., ICCV 2025): an importance map from the vision encoder, progressive pruning with recycling,
+hyperparameters tuned against the model itself. Follows the official code (spec: /work/shared/methods/vflowopt.md).
+
+Importance per image: I = c + alpha_v * softmax(E) over the image's patches.
+- c, context relevance: head-mean attention A of one encoder layer (the one feeding the projector) among all its
+  tokens ([CLS] included, it may be a global query); received attention r_j = column mean; global tokens
+  G = {j : r_j > threshold * mean(r)}; c_j = mean over g in G of A[g, j], read at the patch columns. An empty G (the
+  official code would give NaN) takes the tokens of maximal r, the limit of lowering the threshold; the trace notes it.
+- E, patch entropy of a grayscale 256-bin histogram per patch, in bits. entropy_mode="official" reproduces the
+  release (uint8 of the fp16 normalised pixels times 255, which wraps); "raw" undoes the processor's normalisation
+  (`pixel_mean` / `pixel_std`, CLIP's by default) and takes the clean entropy of the image. Unused when alpha_v = 0.
+Stage V (pre_llm, after the projector as in the code; positions renumbered): per image of L tokens, the
+round(L(1 - vit_keep)) + int(L / cell^2) lowest-I tokens are pruned (stable: ties prune the lower index first) and
+recycled cell by cell (cells of `cell` x `cell` patches, floor-based): one token per non-empty cell, the I-weighted mean
+of its members, at the slot of its highest-I member (ties: the lower index), which keeps that member's I.
+vit_keep = 1 bypasses stage V entirely (the release would still recycle int(L / cell^2) tokens), so keep-all is exact.
+Stages L1 / L2 (llm_layer, at the input of `llm_layers`; original positions kept, gaps stay): per image, the
+round(n (1 - r)) lowest-I of its n current tokens are dropped (r = llm_keep1, then llm_keep2).
+Budget: the average kept share over the L layers of an LLM cut before layers l1 < l2 is
+(l1 r_v + (l2 - l1) r_v r_1 + (L - l2) r_v r_1 r_2) / L; with llm_keep2=None, r_2 is derived from `budget` (clamped to
+[0, 1]). Layers: the release prunes before layers 9 and 18 of Qwen2-7B's 28; spec §9 keeps (9, 18) for 32-layer
+LLaVA-1.5 and re-derives r_2 for its 9/9/14 split, so models with >= 28 layers use (9, 18); shallower ones scale them
+by depth (floor(l * L / 28 + 0.5), kept strictly increasing). The presets are the released LLaVA-OneVision-7B
+configurations with r_2 derived from each one's own achieved budget, which reproduces the released r_2 on 28 layers.
+Image path only: every image is one grid (LLaVA-1.5); video and anyres layouts are left to their adapters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..core import (
+    KeepPlan,
+    Merge,
+    Method,
+    ModelInfo,
+    PixelValues,
+    SiteContext,
+    Uniform,
+    VisionAttention,
+    VTPruneError,
+    keep_all,
+    register,
+)
+
+RELEASED_DEPTH, RELEASED_LAYERS = 28, (9, 18)  # Qwen2-7B in LLaVA-OneVision
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+NON_PATCH_IMPORTANCE = 1.0  # tokens that are no patch (e.g. row-end tokens): in effect always kept
+
+
+def budget_share(vit_keep: float, llm_keep1: float, llm_keep2: float, n_layers: int, layers: tuple[int, int]) -> float:
+    """Average kept share of the visual tokens over the LLM's layers (recycled tokens and the over-prune left out)."""
+    l1, l2 = layers
+    return (l1 * vit_keep + (l2 - l1) * vit_keep * llm_keep1 + (n_layers - l2) * vit_keep * llm_keep1 * llm_keep2) / n_layers
+
+
+def derived_llm_keep2(budget: float, vit_keep: float, llm_keep1: float, n_layers: int, layers: tuple[int, int]) -> float:
+    """The r_2 that makes `budget_share` equal `budget`, clamped to [0, 1]."""
+    l1, l2 = layers
+    rest = (n_layers * budget - l1 * vit_keep - (l2 - l1) * vit_keep * llm_keep1) / (n_layers - l2)
+    return min(1.0, max(0.0, rest / (vit_keep * llm_keep1)))
+
+
+def _released(t: float, m: float, r_v: float, r_1: float, r_2: float) -> dict[str, Any]:
+    share = budget_share(r_v, r_1, r_2, RELEASED_DEPTH, RELEASED_LAYERS)
+    return {"threshold": t, "cell": m, "vit_keep": r_v, "llm_keep1": r_1, "llm_keep2": None, "budget": share, "alpha_v": 0.0}
+
+
+PRESETS = {  # LLaVA-OneVision-qwen2-7b-ov, official repo @129eeef
+    "keep10": _released(39.26492840997221, 17.386981849158786, 0.11661529508161146, 1.0, 0.6011),
+    "keep25": _released(34.759552803070484, 15.580797034937687, 0.2651026358526424, 0.9833433139039235, 0.8773258179532721),
+    "keep50": _released(28.683047941520474, 11.756787150848968, 0.7233201448753168, 0.748747637472693, 0.487),
+}
+
+
+def default_llm_layers(n_layers: int) -> tuple[int, int]:
+    """(9, 18) for >= 28 layers; shallower language models scale them by depth."""
+    if n_layers >= RELEASED_DEPTH:
+        return RELEASED_LAYERS
+    first = max(1, math.floor(RELEASED_LAYERS[0] * n_layers / RELEASED_DEPTH + 0.5))
+    second = max(first + 1, math.floor(RELEASED_LAYERS[1] * n_layers / RELEASED_DEPTH + 0.5))
+    return first, second
+
+
+def relevance(attention: Tensor, threshold: float, has_cls: bool) -> tuple[Tensor, bool]:
+    """[T, T] head-mean attention -> ([patches] context relevance c, whether the global set was empty)."""
+    attention = attention.float()
+    received = attention.mean(dim=0)  # r_j, column means over all query rows
+    is_global = received > threshold * received.mean()
+    empty = not bool(is_global.any())
+    if empty:
+        is_global = received == received.max()
+    c = attention[is_global].mean(dim=0)
+    return (c[1:] if has_cls else c), empty
+
+
+def quantize_pixels(pixels: Tensor, mode: str, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """[N, C, H, W] normalised pixels -> integer levels 0..255 per channel (long).
+
+    official: trunc(fp16(x) * 255) wrapped modulo 256, as `uint8(x * 255)` does in the release; raw: the image's own
+    8-bit values, undoing the normalisation x = (v / 255 - mean) / std.
+    """
+    if mode == "official":
+        return (pixels.half() * 255).float().trunc().long() % 256
+    mean_t = torch.tensor(mean, device=pixels.device)[None, :, None, None]
+    std_t = torch.tensor(std, device=pixels.device)[None, :, None, None]
+    return torch.round((pixels.float() * std_t + mean_t) * 255).clamp(0, 255).long()
+
+
+def patch_entropy(levels: Tensor, patch: int) -> Tensor:
+    """[N, 3, H, W] levels 0..255 -> [N, patches] entropy (bits) of each patch's gray-level histogram, row-major."""
+    n, channels, height, width = levels.shape
+    if channels != 3 or height % patch or width % patch:
+        raise VTPruneError(f"patch entropy needs RGB pixels tiling into {patch}x{patch} patches, got {tuple(levels.shape)}")
+    levels = levels.float()
+    gray = torch.round(0.3333 * levels[:, 0] + 0.3333 * levels[:, 1] + 0.3333 * levels[:, 2]).long().clamp(0, 255)
+    rows, cols = height // patch, width // patch
+    pixels = gray.view(n, rows, patch, cols, patch).permute(0, 1, 3, 2, 4).reshape(n, rows * cols, patch * patch)
+    counts = torch.zeros(n, rows * cols, 256, device=levels.device).scatter_add_(2, pixels, torch.ones_like(pixels, dtype=torch.float))
+    p = counts / (patch * patch)
+    return -(p * torch.log2(p + 1e-10)).sum(dim=-1)
+
+
+def importance(relevance_map: Tensor, entropy: Tensor | None, alpha_v: float) -> Tensor:
+    """I = c + alpha_v * softmax(E) over one image's patches (E unused when alpha_v = 0)."""
+    if alpha_v == 0 or entropy is None:
+        return relevance_map.float()
+    return relevance_map.float() + alpha_v * torch.softmax(entropy.float(), dim=-1)
+
+
+def lowest(scores: Tensor, count: int) -> Tensor:
+    """Indices of the `count` lowest scores (stable: among ties the lower index comes first)."""
+    return torch.sort(scores.float(), stable=True).indices[:count]
+
+
+def recycle(scores: Tensor, pruned: Tensor, patch: Tensor, cols: int, cell: float) -> list[tuple[int, Tensor, Tensor]]:
+    """Groups of pruned tokens by grid cell: [(representative, members ascending, weights)], cells in raster order.
+
+    scores: [n] importance of the image's tokens; pruned: their local indices; patch: [n] patch number (-1: none).
+    A group's weights are I / sum(I) over it; the representative is its highest-I member (ties: the lower index).
+    """
+    pruned = torch.sort(pruned).values
+    pruned = pruned[patch[pruned] >= 0]  # tokens that are no patch have no cell
+    row, col = patch[pruned] // cols, patch[pruned] % cols
+    cells = torch.stack([torch.floor(row / cell), torch.floor(col / cell)], dim=1).long()
+    groups = []
+    for key in torch.unique(cells, dim=0):  # sorted: raster order of the cells
+        members = pruned[(cells == key).all(dim=1)]
+        weight = scores[members].float()
+        total = weight.sum()
+        if not total > 0:
+            raise VTPruneError(
+                f"vflowopt recycling: a cell's importances sum to {float(total):.3g}; its weights are undefined "
+                "(alpha_v < 0 can make importances negative)"
+            )
+        groups.append((int(members[int(weight.argmax())]), members, weight / total))
+    return groups
+
+
+@register
+@dataclass
+class VFlowOpt(Method):
+    name: ClassVar[str] = "vflowopt"
+    sites: ClassVar[tuple[str, ...]] = ("pre_llm", "llm_layer")
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+
+    vit_keep: float = PRESETS["keep25"]["vit_keep"]  # r_v: stage-V keep ratio; 1.0 bypasses stage V
+    llm_keep1: float = PRESETS["keep25"]["llm_keep1"]  # r_1: share kept at the first LLM cut
+    llm_keep2: float | None = None  # r_2: share kept at the second LLM cut; None: derived from `budget`
+    budget: float | None = PRESETS["keep25"]["budget"]  # average kept share over the LLM's layers (for r_2)
+    threshold: float = PRESETS["keep25"]["threshold"]  # t: global tokens receive > t times the mean attention
+    cell: float = PRESETS["keep25"]["cell"]  # m: recycling cell size, in patches
+    alpha_v: float = 0.0  # weight of the patch-entropy prior
+    entropy_mode: str = "raw"  # "raw" (clean entropy of the image) or "official" (the release's wrapped levels)
+    pixel_mean: tuple[float, ...] = CLIP_MEAN  # the processor's normalisation, for entropy_mode="raw"
+    pixel_std: tuple[float, ...] = CLIP_STD
+    vision_layer: int | None = None  # encoder layer of the attention; None: the one feeding the projector
+    llm_layers: tuple[int, int] | None = None  # 0-based layers whose input is pruned; None: `default_llm_layers`
+
+    def __post_init__(self) -> None:
+        for name in ("vit_keep", "llm_keep1"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise VTPruneError(f"vflowopt {name}={getattr(self, name)}: a keep ratio must lie in (0, 1]")
+        if self.llm_keep2 is not None and not 0.0 <= self.llm_keep2 <= 1.0:
+            raise VTPruneError(f"vflowopt llm_keep2={self.llm_keep2}: a keep ratio must lie in [0, 1]")
+        if self.llm_keep2 is None and self.budget is None:
+            raise VTPruneError("vflowopt needs llm_keep2, or a budget to derive it from")
+        if self.cell <= 0:
+            raise VTPruneError(f"vflowopt cell={self.cell}: the recycling cell size must be positive")
+        if self.entropy_mode not in ("raw", "official"):
+            raise VTPruneError(f"vflowopt entropy_mode={self.entropy_mode!r}: use 'raw' or 'official'")
+
+    @classmethod
+    def search_space(cls, info: ModelInfo, budget: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The shipped optimiser's box, reset for the budget T (default 0.25): r_v in [T, 1.5 T] and r_1 in
+        [0.8 / 1.5, 1] (as shipped for T = 0.25), t in [0, 50], m in [3, 24], alpha_v in [-1, 1]; r_2 derived."""
+        share = 0.25 if budget is None else float(budget)
+        if not 0.0 < share <= 1.0:
+            raise VTPruneError(f"vflowopt budget={budget}: give the average kept share in (0, 1]")
+        space = {
+            "vit_keep": Uniform(share, min(1.0, 1.5 * share)),
+            "llm_keep1": Uniform(0.8 / 1.5, 1.0),
+            "threshold": Uniform(0.0, 50.0),
+            "cell": Uniform(3.0, 24.0),
+            "alpha_v": Uniform(-1.0, 1.0),
+        }
+        return space, {"budget": share, "llm_keep2": None}
+
+    def layers(self, info: ModelInfo) -> tuple[int, int]:
+        layers = tuple(self.llm_layers) if self.llm_layers is not None else default_llm_layers(info.llm_layers)
+        if not 1 <= layers[0] < layers[1] <= info.llm_layers - 1:
+            raise VTPruneError(
+                f"vflowopt llm_layers {layers}: need two ascending cut layers in 1..{info.llm_layers - 1}"
+            )
+        return layers
+
+    def stage_keeps(self, info: ModelInfo) -> tuple[float, float]:
+        """(r_1, r_2) for this model."""
+        if self.llm_keep2 is not None:
+            return self.llm_keep1, self.llm_keep2
+        return self.llm_keep1, derived_llm_keep2(self.budget, self.vit_keep, self.llm_keep1, info.llm_layers, self.layers(info))
+
+    def cut_layers(self, info: ModelInfo) -> list[int]:
+        return list(self.layers(info))
+
+    def position_mode(self, ctx: SiteContext) -> str:
+        return "renumber" if ctx.site == "pre_llm" else "original"
+
+    def vision_request(self, info: ModelInfo) -> VisionAttention:
+        return VisionAttention(layer=info.vision_feature_layer if self.vision_layer is None else self.vision_layer)
+
+    def requests(self, info: ModelInfo) -> list[Any]:
+        self.layers(info)
+        return [self.vision_request(info)] + ([PixelValues()] if self.alpha_v != 0 else [])
+
+    def plan(self, ctx: SiteContext) -> KeepPlan:
+        if ctx.site == "pre_llm":
+            return self._stage_v(ctx)
+        r_1, r_2 = self.stage_keeps(ctx.info)
+        ratio = r_1 if ctx.layer == self.layers(ctx.info)[0] else r_2
+        layout, keep, scores = ctx.layout, [], []
+        for b in range(layout.batch_size):
+            current = ctx.state["importance"][b][layout.original_ordinal[b]]
+            kept = []
+            for _, sl in layout.ordinal_slices(b):
+                drop = torch.ones(sl.stop - sl.start, dtype=torch.bool)
+                drop[lowest(current[sl], round((sl.stop - sl.start) * (1 - ratio)))] = False
+                kept.append(drop.nonzero().squeeze(1) + sl.start)
+            keep.append(torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long))
+            scores.append(current)
+        return KeepPlan(keep=keep, scores=scores)
+
+    def image_importance(self, ctx: SiteContext) -> tuple[Tensor, list[int]]:
+        """[num_images, patches] importance map, and the images whose global set was empty."""
+        attention = ctx.signals[self.vision_request(ctx.info)]
+        maps, empty = [], []
+        for image in range(attention.shape[0]):
+            c, was_empty = relevance(attention[image], self.threshold, ctx.info.vision_has_cls)
+            maps.append(c)
+            if was_empty:
+                empty.append(image)
+        relevance_maps = torch.stack(maps).cpu()
+        entropy = None
+        if self.alpha_v != 0:
+            levels = quantize_pixels(ctx.signals[PixelValues()], self.entropy_mode, self.pixel_mean, self.pixel_std)
+            entropy = patch_entropy(levels, ctx.info.patch_size).cpu()
+        return torch.stack([importance(relevance_maps[i], None if entropy is None else entropy[i], self.alpha_v)
+                            for i in range(relevance_maps.shape[0])]), empty
+
+    def _stage_v(self, ctx: SiteContext) -> KeepPlan:
+        maps, empty = self.image_importance(ctx)
+        layout = ctx.layout
+        per_sample = []
+        for b in range(layout.batch_size):
+            parts = []
+            for span, _ in layout.ordinal_slices(b):
+                patch = span.patch_index
+                parts.append(torch.where(patch >= 0, maps[span.image][patch.clamp(min=0)], NON_PATCH_IMPORTANCE))
+            per_sample.append(torch.cat(parts) if parts else torch.zeros(0))
+        ctx.state["importance"] = per_sample  # indexed by the LLM input's visual ordinals (original ordinals)
+        notes = {"empty_global_set": empty} if empty else {}
+        if self.vit_keep == 1.0:
+            plan = keep_all(layout)
+            plan.scores, plan.notes = per_sample, notes
+            return plan
+        keep, merges = [], []
+        for b in range(layout.batch_size):
+            kept, sample_merges = [], []
+            for span, sl in layout.ordinal_slices(b):
+                scores = per_sample[b][sl]
+                n = span.length
+                n_prune = min(n, round(n * (1 - self.vit_keep)) + int(n / self.cell**2))
+                pruned = lowest(scores, n_prune)
+                stays = torch.ones(n, dtype=torch.bool)
+                stays[pruned] = False
+                for slot, members, weights in recycle(scores, pruned, span.patch_index, span.grid[1], self.cell):
+                    stays[slot] = True
+                    sample_merges.append(Merge(slot=slot + sl.start, sources=members + sl.start, weights=weights))
+                kept.append(stays.nonzero().squeeze(1) + sl.start)
+            keep.append(torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long))
+            merges.append(sample_merges)
+        return KeepPlan(keep=keep, scores=per_sample, merges=merges, notes=notes)
