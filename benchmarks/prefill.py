@@ -88,22 +88,24 @@ def main() -> None:
         visual = visual_tokens_per_layer(trace, args.llm_layers)
         return llm_flops([len(ids) - 576 + n for n in visual], hidden, intermediate) / dense_flops
 
-    print("| method | budget | visual tokens | prefill / dense | bound / dense | overhead (prefill / bound) | LLM FLOPs / dense |")
+    print("| method | budget | visual tokens | prefill / dense | bound / dense | overhead (prefill / bound) "
+          "| LLM FLOPs / dense |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for keep in args.budgets:
         bound = vision + short_llm(args.text_tokens + keep)
         for name in [n for n in args.methods if n in METHODS]:
             method = vtprune.make(name, keep=keep, **METHODS[name])
             pruned = prefill_seconds(model, inputs, method, repeats=args.repeats)
-            print(f"| {name} | keep={keep} | {keep} | {pruned / dense:.3f} | {bound / dense:.3f} | {pruned / bound:.3f} "
-                  f"| {flops_ratio(traced(method)):.3f} |", flush=True)
+            print(f"| {name} | keep={keep} | {keep} | {pruned / dense:.3f} | {bound / dense:.3f} "
+                  f"| {pruned / bound:.3f} | {flops_ratio(traced(method)):.3f} |", flush=True)
     for name in [n for n in args.methods if n in PRESETS]:
         for preset in PRESETS[name]:
             method = vtprune.make(name, preset=preset)
             trace = traced(method)
             tokens = " -> ".join(str(n) for n in trace.visual_tokens()[0])
             pruned = prefill_seconds(model, inputs, method, repeats=args.repeats)
-            print(f"| {name} | {preset} | {tokens} | {pruned / dense:.3f} | – | – | {flops_ratio(trace):.3f} |", flush=True)
+            print(f"| {name} | {preset} | {tokens} | {pruned / dense:.3f} | – | – | {flops_ratio(trace):.3f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,17 @@ def test_generate_batched_with_left_padding_equals_each_sample_alone(tiny_llava,
     assert [after for _, after in trace.visual_tokens(0)] == [4, 8]
 
 
+@pytest.mark.parametrize("name", sorted(KEEP_FOUR))
+def test_text_only_prompts_pass_unchanged(tiny_llava, name):
+    ids = torch.tensor([[1, 5, 6, 7, 8], [0, 1, 9, 10, 11]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        dense = tiny_llava(input_ids=ids, attention_mask=mask).logits
+        with vtprune.make(name, **KEEP_FOUR[name])(tiny_llava):
+            logits = tiny_llava(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits[mask.bool()], dense[mask.bool()], atol=1e-5, rtol=0)
+
+
 def test_padding_added_for_ragged_keep_counts_is_masked(tiny_llava, batch):
     """Sample 0 ends shorter than sample 1: it gets left padding that the mask hides."""
     seen = {}

@@ -80,7 +80,10 @@ def mean_keys(attn: nn.Module, hidden: Tensor) -> Tensor:
 class VisionSignals:
     """Captures the vision encoder's signals (per image) while it runs; reused until it runs again."""
 
-    def __init__(self, adapter: Adapter, vision_tower: nn.Module, requests: list[Any], feature_layers: list[int]) -> None:
+    def __init__(
+        self, adapter: Adapter, vision_tower: nn.Module, requests: list[Any], feature_layers: list[int] | None = None
+    ) -> None:
+        """`feature_layers`: the encoder layers whose outputs feed the projector (needed for `ProjectorInput`)."""
         self.adapter, self.values, self._rows = adapter, {}, {}
         layers = encoder_layers(vision_tower)
         self.n_layers = len(layers)
@@ -97,9 +100,11 @@ class VisionSignals:
         adapter.hook(vision_tower, self._on_tower_end, pre=False)
         for index, layer_requests in sorted(per_layer.items()):
             adapter.hook(layers[index].self_attn, self._capture(index, layer_requests))
-        self.feature_layers = feature_layers
+        self.feature_layers = feature_layers or []
         if any(isinstance(r, ProjectorInput) for r in requests):
-            for index in feature_layers:
+            if not self.feature_layers:
+                raise VTPruneError("ProjectorInput needs the encoder layers that feed the projector")
+            for index in self.feature_layers:
                 adapter.hook(layers[index], self._capture_output(index), pre=False)
 
     @staticmethod
@@ -137,7 +142,7 @@ class VisionSignals:
         for request in self.cls_requests:
             rows = [self._rows[self._resolve(l, self.n_layers)] for l in request.layers]
             self.values[request] = torch.stack(rows, dim=1)  # [N, layers, heads, patches]
-        if ("output", self.feature_layers[0]) in self._rows:
+        if self.feature_layers and ("output", self.feature_layers[0]) in self._rows:
             outputs = [self._rows[("output", index)] for index in self.feature_layers]
             self.values[ProjectorInput()] = torch.cat(outputs, dim=-1)  # as LLaVA concatenates feature layers
 

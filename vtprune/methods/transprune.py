@@ -38,6 +38,7 @@ from ..core import (
     TransitionStats,
     Transitions,
     Uniform,
+    VisualLayout,
     VTPruneError,
     keep_count,
     register,
@@ -115,6 +116,8 @@ class TransPrune(Method):
     @classmethod
     def search_space(cls, info: ModelInfo, budget: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """Tunes alpha and the TTV direction; the budget is a preset name ("high" / "low") or None (the defaults)."""
+        if budget is not None and budget not in cls.presets:
+            raise VTPruneError(f"transprune's budget is a preset name ({', '.join(cls.presets)}), got {budget!r}")
         fixed = dict(cls.presets[budget]) if budget is not None else {}
         return {"alpha": Uniform(0.0, 1.0), "ttv_direction": Choice(DIRECTIONS)}, fixed
 
@@ -160,7 +163,7 @@ class TransPrune(Method):
         keep, scores = [], []
         for b in range(layout.batch_size):
             n = layout.num_visual(b)
-            ttv = self._accumulated_ttv(transitions, ctx.layer, layout, b) if self.alpha > 0 else torch.zeros(n)
+            ttv = self._accumulated_ttv(transitions, layout, b) if self.alpha > 0 else torch.zeros(n)
             if self.alpha < 1:
                 if n and queries[b].shape[1] == 0:
                     raise VTPruneError(
@@ -180,15 +183,11 @@ class TransPrune(Method):
             scores.append(sample_scores)
         return KeepPlan(keep=keep, scores=scores)
 
-    def _accumulated_ttv(
-        self, transitions: dict[int, TransitionStats], cut: int, layout: Any, sample: int
-    ) -> Tensor:
-        """Sum of the band's TTVs of layers run before this cut, read at the sample's current visual tokens."""
+    def _accumulated_ttv(self, transitions: dict[int, TransitionStats], layout: VisualLayout, sample: int) -> Tensor:
+        """Sum of the TTVs of the band's layers that ran so far, read at the sample's current visual tokens."""
         current = layout.original_ordinal[sample]
         total = torch.zeros(current.numel())
-        for layer, stats in sorted(transitions.items()):
-            if layer >= cut:
-                continue
+        for stats in transitions.values():
             valid = stats.mask[sample].bool()
             ttv = ttv_scores(stats.ratio[sample], stats.cosine[sample], valid, self.ttv_direction).cpu()
             then = stats.layout.original_ordinal[sample]

@@ -128,7 +128,7 @@ def patch_entropy(levels: Tensor, patch: int) -> Tensor:
 
 
 def importance(relevance_map: Tensor, entropy: Tensor | None, alpha_v: float) -> Tensor:
-    """I = c + alpha_v * softmax(E) over one image's patches (E unused when alpha_v = 0)."""
+    """I = c + alpha_v * softmax(E) over each image's patches (last dim); E unused when alpha_v = 0."""
     if alpha_v == 0 or entropy is None:
         return relevance_map.float()
     return relevance_map.float() + alpha_v * torch.softmax(entropy.float(), dim=-1)
@@ -224,7 +224,8 @@ class VFlowOpt(Method):
         """(r_1, r_2) for this model."""
         if self.llm_keep2 is not None:
             return self.llm_keep1, self.llm_keep2
-        return self.llm_keep1, derived_llm_keep2(self.budget, self.vit_keep, self.llm_keep1, info.llm_layers, self.layers(info))
+        r_2 = derived_llm_keep2(self.budget, self.vit_keep, self.llm_keep1, info.llm_layers, self.layers(info))
+        return self.llm_keep1, r_2
 
     def cut_layers(self, info: ModelInfo) -> list[int]:
         return list(self.layers(info))
@@ -242,6 +243,8 @@ class VFlowOpt(Method):
     def plan(self, ctx: SiteContext) -> KeepPlan:
         if ctx.site == "pre_llm":
             return self._stage_v(ctx)
+        if "importance" not in ctx.state:  # no image in the batch: stage V never ran, nothing to prune
+            return keep_all(ctx.layout)
         r_1, r_2 = self.stage_keeps(ctx.info)
         ratio = r_1 if ctx.layer == self.layers(ctx.info)[0] else r_2
         layout, keep, scores = ctx.layout, [], []
@@ -249,9 +252,9 @@ class VFlowOpt(Method):
             current = ctx.state["importance"][b][layout.original_ordinal[b]]
             kept = []
             for _, sl in layout.ordinal_slices(b):
-                drop = torch.ones(sl.stop - sl.start, dtype=torch.bool)
-                drop[lowest(current[sl], round((sl.stop - sl.start) * (1 - ratio)))] = False
-                kept.append(drop.nonzero().squeeze(1) + sl.start)
+                stays = torch.ones(sl.stop - sl.start, dtype=torch.bool)
+                stays[lowest(current[sl], round((sl.stop - sl.start) * (1 - ratio)))] = False
+                kept.append(stays.nonzero().squeeze(1) + sl.start)
             keep.append(torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long))
             scores.append(current)
         return KeepPlan(keep=keep, scores=scores)
@@ -265,13 +268,11 @@ class VFlowOpt(Method):
             maps.append(c)
             if was_empty:
                 empty.append(image)
-        relevance_maps = torch.stack(maps).cpu()
         entropy = None
         if self.alpha_v != 0:
             levels = quantize_pixels(ctx.signals[PixelValues()], self.entropy_mode, self.pixel_mean, self.pixel_std)
             entropy = patch_entropy(levels, ctx.info.patch_size).cpu()
-        return torch.stack([importance(relevance_maps[i], None if entropy is None else entropy[i], self.alpha_v)
-                            for i in range(relevance_maps.shape[0])]), empty
+        return importance(torch.stack(maps).cpu(), entropy, self.alpha_v), empty
 
     def _stage_v(self, ctx: SiteContext) -> KeepPlan:
         maps, empty = self.image_importance(ctx)
