@@ -32,6 +32,9 @@ KEEP_FOUR = {
 NOT_ON_OPEN_CLIP = {
     "fastv": "cuts between decoder layers; an open_clip tower has no language model",
     "gui-kv": "compresses a language model's KV cache",
+    "transprune": "cuts between decoder layers; an open_clip tower has no language model",
+    "vflowopt": "prunes at the language model's input and between its decoder layers",
+    "visionzip": "merges before the projector into a language model's input (no encoder-site variant)",
 }
 
 

@@ -18,7 +18,12 @@ KEEP_ALL = [
     ("gui-kv", dict(keep=1.0)),
     ("gui-kv", dict(keep=1.0, gqa_reduce="expand", temporal_keys="pre_rope")),
 ]
-NOT_ON_QWEN = {"vtc-cls": "the Qwen vision tower has no [CLS] token"}
+NOT_ON_QWEN = {
+    "vtc-cls": "the Qwen vision tower has no [CLS] token",
+    "visionzip": "the Qwen vision tower has no [CLS] token",
+    "transprune": "the adapter does not provide Transitions (renumbered M-RoPE ids are not defined by the spec)",
+    "vflowopt": "the adapter does not provide VisionAttention (spec §9: last full-attention block, 2x2 merger groups)",
+}
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -73,6 +78,19 @@ def test_vtc_cls_is_refused_clearly(qwen):
     hooks = hooks_of(model)
     with pytest.raises(vtprune.VTPruneError, match=r"\[CLS\] token; the qwen2-vl tower has none"):
         vtprune.make("vtc-cls", keep=4)(model)
+    assert hooks_of(model) == hooks
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("visionzip", {}, r"\[CLS\] token"),
+    ("transprune", dict(keep_ratios=(0.5,), prune_layers=(1,)), "Transitions"),
+    ("vflowopt", dict(llm_layers=(1, 2)), "VisionAttention"),
+])
+def test_methods_without_their_signals_are_refused(qwen, name, options, message):
+    model = qwen[0]
+    hooks = hooks_of(model)
+    with pytest.raises(vtprune.VTPruneError, match=message):
+        vtprune.make(name, **options)(model)
     assert hooks_of(model) == hooks
 
 

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from .. import kernels
+from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout
 from ..core.method import SiteContext
-from ..core.errors import VTPruneError
 from ..core.plan import KeepPlan, Merge
 from ..core.session import SiteRecord
 
