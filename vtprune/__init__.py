@@ -7,7 +7,7 @@
     trace.summary()
 """
 
-from . import adapters, methods  # noqa: F401  (registers adapters and methods)
+from . import adapters, methods, video  # noqa: F401  (registers adapters and methods; vtprune.video.load)
 from .core import (
     KeepPlan,
     Merge,

@@ -91,6 +91,7 @@ def add_run(subparsers: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     import vtprune
 
+    from .convert import add_convert
     from .example import add_example
     from .tune import add_tune
 
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     add_run(subparsers)
     add_example(subparsers)
     add_tune(subparsers)
+    add_convert(subparsers)
     subparsers.add_parser("methods", help="list the available methods").set_defaults(
         func=lambda args: print("\n".join(vtprune.available())) or 0
     )

@@ -19,6 +19,7 @@ KEEP_ALL = {
     "transprune": dict(keep_ratios=(1.0, 1.0, 1.0)),
     "vflowopt": dict(vit_keep=1.0, llm_keep1=1.0, llm_keep2=1.0),  # vit_keep=1 bypasses stage V (no recycling)
     "visionzip": dict(keep=GRID * GRID, contextual=0, cls_token=False),
+    "zipvl": dict(tau=1.0),
 }
 NOT_ON_LLAVA: set[str] = set()  # methods the LLaVA adapter refuses
 

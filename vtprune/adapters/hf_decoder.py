@@ -34,6 +34,7 @@ from ..core.plan import KeepPlan, Merge
 from ..core.session import ForwardRecord
 from ..core.signals import PrefillKV, ProjectorInput, QueryAttention, Transitions, TransitionStats
 from .cuts import merge_planned, site_records
+from .hf_attention import SparseAttention
 
 if TYPE_CHECKING:
     from ..core.adapter import Adapter
@@ -147,6 +148,8 @@ class DecoderCutter:
                 raise VTPruneError(f"method {method.name!r} cuts at the kv_cache site and must request one PrefillKV")
             self.cache_site = CacheSite(self, requests[0])
         self.adapter.hook(self.lm, self._on_language_model)
+        if "llm_attention" in self.sites:  # per-layer attention among the tokens the method marks important
+            SparseAttention(self, method).attach()
         first_hooked = 0 if self.cache_site else min([*self.cuts, *self.queries], default=n_layers)
         for index in range(first_hooked, n_layers):
             self.adapter.hook(self.layers[index], self._layer_hook(index))

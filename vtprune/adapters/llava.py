@@ -2,10 +2,11 @@
 
 Visual tokens: each `<image>` placeholder expands to the patch features of one image (24×24 = 576 for
 LLaVA-1.5-7B), in row-major patch order; [CLS] is dropped unless `vision_feature_select_strategy="full"`.
-Sites: `pre_llm` (compact the language model's input), `llm_layer` (cut between decoder layers) and `kv_cache`
-(compress each layer's cache after prefill). Signals: `ClsAttention`, `VisionAttention`, `VisionKeys` (recomputed
-from the CLIP tower's q/k), `PixelValues`, `ProjectorInput` (the feature layer's output with [CLS]; enables
-pre-projector merges), and from the language model `QueryAttention`, `Transitions`, `PrefillKV`.
+Sites: `pre_llm` (compact the language model's input), `llm_layer` (cut between decoder layers), `kv_cache`
+(compress each layer's cache after prefill) and `llm_attention` (attention among each layer's important tokens, see
+`hf_attention`). Signals: `ClsAttention`, `VisionAttention`, `VisionKeys` (recomputed from the CLIP tower's q/k),
+`PixelValues`, `ProjectorInput` (the feature layer's output with [CLS]; enables pre-projector merges), and from the
+language model `QueryAttention`, `Transitions`, `PrefillKV`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,23 @@ def mean_keys(attn: nn.Module, hidden: Tensor) -> Tensor:
     """[N, T, head_dim]: the block's key vectors (bias included), averaged over heads, float32."""
     n, t, _ = hidden.shape
     return attn.k_proj(hidden).float().view(n, t, attn.num_heads, attn.head_dim).mean(dim=2)
+
+
+def model_info(
+    family: str, config: Any, vision_tower: nn.Module, language_model: nn.Module, vision_has_cls: bool
+) -> ModelInfo:
+    """What methods may know about a LLaVA-style model: vision tower, projector, decoder language model."""
+    feature_layer = config.vision_feature_layer
+    feature_layer = feature_layer if isinstance(feature_layer, int) else feature_layer[-1]
+    n_vision = len(encoder_layers(vision_tower))
+    return ModelInfo(
+        family=family,
+        llm_layers=len(language_model.layers),
+        vision_layers=n_vision,
+        vision_feature_layer=feature_layer % (n_vision + 1) - 1,  # hidden_states[i] is the output of layer i-1
+        vision_has_cls=vision_has_cls,
+        patch_size=config.vision_config.patch_size,
+    )
 
 
 class VisionSignals:
@@ -159,7 +177,7 @@ class VisionSignals:
 @register_adapter
 class LlavaAdapter(Adapter):
     family = "llava"
-    sites = frozenset({"pre_llm", "llm_layer", "kv_cache"})
+    sites = frozenset({"pre_llm", "llm_layer", "kv_cache", "llm_attention"})
     signals = frozenset(
         {ClsAttention, QueryAttention, PixelValues, PrefillKV, Transitions, VisionAttention, VisionKeys, ProjectorInput}
     )
@@ -186,15 +204,7 @@ class LlavaAdapter(Adapter):
         self.feature_layers = [
             i % (n_vision + 1) - 1 for i in ([feature_layer] if isinstance(feature_layer, int) else feature_layer)
         ]
-        feature_layer = feature_layer if isinstance(feature_layer, int) else feature_layer[-1]
-        self._info = ModelInfo(
-            family=self.family,
-            llm_layers=len(self.language_model.layers),
-            vision_layers=n_vision,
-            vision_feature_layer=feature_layer % (n_vision + 1) - 1,  # hidden_states[i] is the output of layer i-1
-            vision_has_cls=True,
-            patch_size=vision.patch_size,
-        )
+        self._info = model_info(self.family, config, self.vision_tower, self.language_model, vision_has_cls=True)
         self.cutter = DecoderCutter(self, self.language_model)
         self._layout: VisualLayout | None = None
 

@@ -19,7 +19,12 @@ class VisualSpan:
     start: int  # position of the first token in the current sequence
     patch_index: Tensor  # [length] long: patch number (row-major in `grid`) of each token; -1 for non-patch tokens
     grid: tuple[int, int] | None = None  # (rows, cols) of the image's full patch grid
-    kind: str = "image"
+    kind: str = "image"  # "image", "frame" (of a video), or an anyres image's "base" view / "tiles" mosaic
+    # [length] long: the vision-encoder input (its batch index: an anyres tile, the base view, a frame) each token
+    # comes from, and the token's patch there (-1 for non-patch tokens). None: input `image`, patch `patch_index`.
+    view: Tensor | None = None
+    view_patch: Tensor | None = None
+    video: int | None = None  # frames: the index of their video (videos in the order the encoder saw them)
 
     @property
     def length(self) -> int:
@@ -94,7 +99,11 @@ class VisualLayout:
                     start = int(new_position[b][span.start + int(local.min())])
                 else:  # every token of the span was dropped: an empty span where it would have been
                     start = int(new_position[b][: span.start + 1].max()) if span.start > 0 else 0
-                sample_spans.append(replace(span, start=start, patch_index=span.patch_index[local]))
+                view = span.view[local] if span.view is not None else None
+                view_patch = span.view_patch[local] if span.view_patch is not None else None
+                sample_spans.append(
+                    replace(span, start=start, patch_index=span.patch_index[local], view=view, view_patch=view_patch)
+                )
             spans.append(sample_spans)
             originals.append(self.original_ordinal[b][kept])
         return VisualLayout(spans=spans, seq_len=new_seq_len, original_ordinal=originals)

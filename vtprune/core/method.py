@@ -21,7 +21,7 @@ from .signals import ModelInfo
 if TYPE_CHECKING:
     from .session import Session
 
-SITES = ("pre_llm", "llm_layer", "kv_cache", "encoder")
+SITES = ("pre_llm", "llm_layer", "kv_cache", "encoder", "llm_attention")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Score: layer K-1's attention of the last prompt token (recomputed from that layer's q/k with RoPE), mean over heads,
 read at the visual keys. Layers 0..K-1 see every token and keep a full cache; the kept tokens keep their original
 positions (gaps stay), and decoding continues at the unpruned length. Selection is per sample (the official code
-lets sample 0 decide for the batch), with the budget per image, or over all of a sample's images (scope="sample").
+lets sample 0 decide for the batch), with the budget per image, or shared as `scope` says (see vtprune.core.scope:
+"tile", "video" — frames compete for one video budget —, "sample"). Non-patch tokens (row ends) are always kept.
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
-from ..core import KeepPlan, Method, ModelInfo, QueryAttention, SiteContext, VTPruneError, keep_count, per_image, register, top_k
+from ..core import KeepPlan, Method, ModelInfo, QueryAttention, SiteContext, VTPruneError, check_scope, keep_top, register
 
 
 def fastv_scores(last_token_attention: Tensor, visual_positions: Tensor) -> Tensor:
@@ -31,14 +31,13 @@ class FastV(Method):
 
     keep: int | float = 0.5  # visual tokens kept per image (int) or ratio; the paper's R=50% keeps 0.5
     layer: int = 2  # K: the cut sits before decoder layer K and uses layer K-1's attention
-    scope: str = "image"  # "image": top-k per image; "sample": one top-k over all the sample's visual tokens
+    scope: str = "image"  # which tokens share a budget: "image", "tile", "video" or "sample" (see vtprune.core.scope)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.layer < 1:
             raise VTPruneError(f"fastv layer={self.layer}: K must be >= 1 (layer K-1's attention ranks the tokens)")
-        if self.scope not in ("image", "sample"):
-            raise VTPruneError(f"fastv scope={self.scope!r}: use 'image' or 'sample'")
+        check_scope(self.scope, self.name)
 
     def cut_layers(self, info: ModelInfo) -> list[int]:
         return [self.layer]
@@ -53,11 +52,4 @@ class FastV(Method):
             fastv_scores(rows[:, -1], layout.visual_positions(b).to(rows.device)).cpu()
             for b, rows in enumerate(ctx.signals[request])
         ]
-        if self.scope == "image":
-            return per_image(layout, scores, lambda span, n: keep_count(self.keep, n, what=f"image {span.image}"))
-        keep = []
-        for b in range(layout.batch_size):
-            n_images = len(layout.spans[b])
-            budget = self.keep * n_images if isinstance(self.keep, int) else self.keep
-            keep.append(top_k(scores[b], keep_count(budget, layout.num_visual(b), what=f"sample {b}")) if n_images else torch.zeros(0, dtype=torch.long))
-        return KeepPlan(keep=keep, scores=scores)
+        return keep_top(layout, scores, self.keep, self.scope)

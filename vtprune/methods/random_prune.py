@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import torch
 
-from ..core import KeepPlan, Method, SiteContext, keep_count, per_image, register
+from ..core import KeepPlan, Method, SiteContext, check_scope, keep_top, register
 from ._encoder import EncoderCut
 
 
@@ -24,8 +24,13 @@ class RandomPrune(EncoderCut, Method):
     keep: int | float = 64  # tokens per image (int) or ratio
     seed: int = 0
     encoder_block: int | None = None  # cut inside the vision encoder, after this block (see `EncoderCut`)
+    scope: str = "image"  # which tokens share a budget: "image", "tile", "video" or "sample" (see vtprune.core.scope)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_scope(self.scope, self.name)
 
     def plan(self, ctx: SiteContext) -> KeepPlan:
         generator = torch.Generator().manual_seed(self.seed)
         scores = [torch.rand(ctx.layout.num_visual(b), generator=generator) for b in range(ctx.layout.batch_size)]
-        return per_image(ctx.layout, scores, lambda span, n: keep_count(self.keep, n, what=f"image {span.image}"))
+        return keep_top(ctx.layout, scores, self.keep, self.scope)

@@ -7,6 +7,13 @@ LLaVA-1.5, or -2) switches the ensemble off: that is FasterVLM.
 
 Inside the vision encoder (`encoder_block` set, or a tower with no language model such as open_clip's), the cut sits
 after block `encoder_block` and the ensemble ends at that block: start_layer .. encoder_block.
+
+Beyond the official single-image code (spec §6): scores are computed per encoder input (an anyres tile, the base view,
+a video frame; each [CLS] row is softmax-normalised within its own input, so scores are comparable across inputs).
+Frames pooled by the model (2×2) get their scores pooled the same way by the adapter. `scope` says which tokens share
+a budget: "image" (default: per image, per frame), "tile" (per anyres tile: FasterVLM), "video" (one top-k over all
+frames of a video: budget moves to the frames with the most-attended patches), "sample". Row-end and newline tokens
+have no score and are always kept, outside the budget. Encoders without [CLS] (SigLIP) are refused.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ..core import ClsAttention, KeepPlan, Method, ModelInfo, SiteContext, VTPruneError, keep_count, per_image, register
+from ..core import (
+    ClsAttention, KeepPlan, Method, ModelInfo, SiteContext, VTPruneError, check_scope, keep_top, register,
+)
 from ._encoder import EncoderCut
 from ._scores import ordinal_scores
 
@@ -37,6 +46,11 @@ class VTCCLS(EncoderCut, Method):
     start_layer: int | None = None  # first encoder layer of the ensemble (negative counts from the end);
     # None: the official default 16 of CLIP-L's 24 layers, scaled to the tower's depth
     encoder_block: int | None = None  # cut inside the vision encoder, after this block (see `EncoderCut`)
+    scope: str = "image"  # which tokens share a budget: "image", "tile", "video" or "sample" (see vtprune.core.scope)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_scope(self.scope, self.name)
 
     def layers(self, info: ModelInfo) -> list[int]:
         """Encoder layers start_layer .. feature layer (inclusive), as in the official `attentions[start:-1]`.
@@ -64,4 +78,4 @@ class VTCCLS(EncoderCut, Method):
         (request,) = self.requests(ctx.info)
         image_scores = vtc_cls_scores(ctx.signals[request])
         scores = ordinal_scores(ctx.layout, image_scores)
-        return per_image(ctx.layout, scores, lambda span, n: keep_count(self.keep, n, what=f"image {span.image}"))
+        return keep_top(ctx.layout, scores, self.keep, self.scope)
