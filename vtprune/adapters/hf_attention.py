@@ -1,5 +1,9 @@
 """The `llm_attention` site in a transformers decoder: attention among each layer's important tokens, compressed caches.
 
+A method at this site provides `important(ctx: AttentionContext) -> Tensor` (ascending token indices), and the
+attributes `kv_mode` ("drop" | "quant" | "full") and `decode_period` (int or None); with "quant" also
+`quantise_kv(keys, values, important)` returning an object with `dequantize()` and `nbytes`.
+
 Each decoder layer's attention module is pointed (through its own shallow copy of the config, restored on detach)
 at a registered attention function, "vtprune_sparse". That function receives the layer's queries and keys after RoPE
 and its values, with the cache already updated, exactly as SDPA would. At prefill it asks the method which tokens are
@@ -120,7 +124,7 @@ class CompressedLayer(DynamicLayer):
         return self.seen + query_length, 0
 
     def _refuse(self, *args: Any, **kwargs: Any) -> None:
-        raise VTPruneError("a compressed (zipvl) cache cannot be cropped, reordered or repeated (no beam search)")
+        raise VTPruneError("a compressed cache (llm_attention site) cannot be cropped, reordered or repeated (no beams)")
 
     crop = batch_repeat_interleave = batch_select_indices = reorder_cache = _refuse
 
@@ -151,7 +155,8 @@ class SparseAttention:
         if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
             raise VTPruneError(f"method {method.name!r} does not support sliding-window attention layers")
         self._caches: dict[int, Any] = {}
-        self._important: dict[int, list[Tensor]] = {}
+        self._important: dict[int, list[Tensor]] = {}  # per layer with an output bias: rows to keep
+        self._biased: set[int] = set()
 
     def attach(self) -> None:
         ALL_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _sparse_attention)
@@ -165,6 +170,7 @@ class SparseAttention:
             self.adapter.on_detach(self._restore(attn, original))
             self.adapter.hook(attn, self._remember_cache(index))
             if getattr(attn.o_proj, "bias", None) is not None:
+                self._biased.add(index)
                 self.adapter.hook(attn, self._zero_unimportant(index), pre=False)
 
     @staticmethod
@@ -224,7 +230,7 @@ class SparseAttention:
             return self._prefill(module, index, query, key, value, scaling, cache), None
         layer = cache.layers[index] if cache is not None else None
         if not isinstance(layer, CompressedLayer):
-            raise VTPruneError("this decoding step continues a cache that zipvl did not prefill; prefill inside `with`")
+            raise VTPruneError("this decoding step continues a cache that was not prefilled inside the `with` block")
         valid = layer.valid.to(query.device)  # [B, S], the new tokens included
         length, new = valid.shape[1], query.shape[2]
         if new == 1 and bool(valid.all()):
@@ -273,7 +279,8 @@ class SparseAttention:
         out = out_kept.new_zeros(batch, length, *out_kept.shape[2:])
         for b, rows in enumerate(important):
             out[b, rows] = out_kept[b, size - rows.numel() :]
-        self._important[index] = important
+        if index in self._biased:
+            self._important[index] = important
         if cache is not None:
             cache.layers[index] = self._compress_prompt(key, value, valid.to(key.device), important, gather, kept)
         return out
@@ -301,14 +308,12 @@ class SparseAttention:
         return CompressedLayer([self._quantised_block(key, value, valid, important)], key.shape[2])
 
     def _quantised_block(self, key: Tensor, value: Tensor, valid: Tensor, important: list[Tensor]) -> Block:
-        from ..methods.zipvl import quantise_kv
-
         quantized = []
         for b in range(key.shape[0]):
             real = valid[b].nonzero().squeeze(1)
             chosen = torch.zeros(key.shape[2], dtype=torch.bool, device=key.device)
             chosen[important[b]] = True
-            quantized.append(quantise_kv(key[b][:, real], value[b][:, real], chosen[real], tuple(self.method.bits)))
+            quantized.append(self.method.quantise_kv(key[b][:, real], value[b][:, real], chosen[real]))
         return Block(valid, quantized=quantized)
 
     def _compress_tail(self, layer: CompressedLayer, index: int, query: Tensor, scaling: float) -> None:

@@ -86,7 +86,7 @@ class EncoderSignals(VisionSignals):
 
 def tower_has_cls(vision_tower: nn.Module) -> bool:
     """True for encoders with a [CLS] token (CLIP), False for SigLIP and other [CLS]-free towers."""
-    embeddings = getattr(vision_tower, "embeddings", None) or getattr(vision_tower.vision_model, "embeddings", None)
+    embeddings = getattr(getattr(vision_tower, "vision_model", vision_tower), "embeddings", None)
     return hasattr(embeddings, "class_embedding")
 
 

@@ -29,11 +29,26 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
-def prefill_seconds(model: torch.nn.Module, inputs: dict, method: Any = None, repeats: int = 5, warmup: int = 1) -> float:
-    """Median time of one prefill forward (vision encoder included), with `method` applied if given."""
+def prefill(model: torch.nn.Module, inputs: dict, method: Any = None) -> Callable[[], None]:
+    """One prefill forward (vision encoder included), with `method` applied if given."""
 
     def run() -> None:
         with torch.no_grad(), (method(model) if method is not None else nullcontext()):
             model(**inputs, use_cache=True, logits_to_keep=1)
 
-    return median_seconds(run, repeats=repeats, warmup=warmup)
+    return run
+
+
+def prefill_seconds(model: torch.nn.Module, inputs: dict, method: Any = None, repeats: int = 5, warmup: int = 1) -> float:
+    """Median time of one prefill forward (vision encoder included), with `method` applied if given."""
+    return median_seconds(prefill(model, inputs, method), repeats=repeats, warmup=warmup)
+
+
+def paired_ratio(baseline: Callable[[], Any], other: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
+    """Median over `repeats` of time(other) / time(baseline), the two run back to back each time, so that the load of
+    a shared machine, drifting over minutes, weighs on both alike."""
+    for _ in range(warmup):
+        baseline()
+        other()
+    ratios = [median_seconds(other, 1, 0) / median_seconds(baseline, 1, 0) for _ in range(repeats)]
+    return statistics.median(ratios)

@@ -49,9 +49,14 @@ def gather_sequence(x: Tensor, index: Tensor, valid: Tensor, dim: int = 1) -> Te
     """x: batch at dim 0, sequence at `dim`. Returns x gathered along `dim` by index [B, L']; invalid slots are 0."""
     shape = [1] * x.dim()
     shape[0], shape[dim] = index.shape
-    expanded = index.view(shape).expand(*[s if i != dim else index.shape[1] for i, s in enumerate(x.shape)])
-    out = torch.gather(x, dim, expanded)
-    return out.masked_fill(~valid.view(shape), 0)
+    # one index_select per sample, written in place: on CPU far cheaper than torch.gather with an index expanded over
+    # the other dims (and than fresh intermediate tensors)
+    out = x.new_empty(*[s if i != dim else index.shape[1] for i, s in enumerate(x.shape)])
+    for b in range(x.shape[0]):
+        torch.index_select(x[b], dim - 1, index[b], out=out[b])
+    if not bool(valid.all()):
+        out.masked_fill_(~valid.view(shape), 0)
+    return out
 
 
 def compact_sequence(

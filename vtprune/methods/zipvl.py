@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..core import KeepPlan, Method, SiteContext, VTPruneError, attention_rows, register, top_k
+from ..core import KeepPlan, Method, SiteContext, VTPruneError, register, top_k
 from ..core.sparse import AttentionContext
 
 KV_MODES = ("drop", "quant", "full")
@@ -50,17 +50,25 @@ def probe_positions(n: int, probe: str, probe_frac: float, generator: torch.Gene
 def probe_mass(queries: Tensor, keys: Tensor, scale: float, query_positions: Tensor | None) -> Tensor:
     """a [n]: per key, the head-mean of the attention summed over the probe queries (float32).
 
-    queries: [H, P, d], keys: [H_kv, n, d]; query_positions: [P] index of each probe among the keys (causal mask), or
-    None when every probe sees every key. Probes are processed in chunks so at most ~16M scores exist at a time.
+    queries: [H, P, d], keys: [H_kv, n, d] (grouped-query heads share their key head); query_positions: [P] index of
+    each probe among the keys (causal mask), or None when every probe sees every key. Probes are processed in chunks
+    so that at most ~4M scores exist at a time.
     """
-    heads, probes, n = queries.shape[0], queries.shape[1], keys.shape[1]
-    chunk = max(1, (1 << 24) // max(1, heads * n))
+    heads, probes, dim = queries.shape
+    kv_heads, n = keys.shape[0], keys.shape[1]
+    group = heads // kv_heads
+    keys_t = keys.float().transpose(1, 2)  # [H_kv, d, n]
+    key_index = torch.arange(n, device=keys.device)
+    chunk = max(1, (1 << 22) // max(1, heads * n))
     mass = torch.zeros(n, dtype=torch.float32, device=keys.device)
     for start in range(0, probes, chunk):
-        part = slice(start, start + chunk)
-        positions = None if query_positions is None else query_positions[None, part].to(keys.device)
-        rows = attention_rows(queries[None, :, part], keys[None], scale, query_positions=positions)  # [1, H, c, n]
-        mass += rows[0].sum(dim=1).mean(dim=0)
+        part = queries[:, start : start + chunk].float()
+        size = part.shape[1]
+        logits = torch.matmul(part.reshape(kv_heads, group * size, dim), keys_t).view(heads, size, n).mul_(scale)
+        if query_positions is not None:
+            later = key_index[None, :] > query_positions[start : start + chunk, None].to(keys.device)
+            logits.masked_fill_(later, float("-inf"))
+        mass += torch.softmax(logits, dim=-1).sum(dim=(0, 1)).div_(heads)
     return mass
 
 
@@ -102,12 +110,14 @@ def select_important(mass: Tensor, counts: Tensor, tau: float, keep_last: bool =
 def quantise(x: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric uniform quantisation, min/max along `dim`: (codes uint8, minimum, step); x ≈ codes·step + minimum.
 
-    A constant slice gets step eps (its codes are 0), so nothing is divided by zero.
+    Computed in float32; minimum and step are returned in x's dtype. A constant slice gets step eps (its codes are 0),
+    so nothing is divided by zero.
     """
-    low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    step = ((high - low) / (2**bits - 1)).clamp(min=torch.finfo(x.dtype).eps)
-    codes = ((x - low) / step).round().clamp(0, 2**bits - 1).to(torch.uint8)
-    return codes, low, step
+    xf = x.float()
+    low, high = xf.amin(dim, keepdim=True), xf.amax(dim, keepdim=True)
+    step = ((high - low) / (2**bits - 1)).clamp(min=torch.finfo(torch.float32).eps)
+    codes = ((xf - low) / step).round().clamp(0, 2**bits - 1).to(torch.uint8)
+    return codes, low.to(x.dtype), step.to(x.dtype)
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
@@ -250,6 +260,10 @@ class ZipVL(Method):
             mass = probe_mass(ctx.queries, ctx.keys, ctx.scale, None)
         counts = probe_counts(probes, n, self.normaliser, causal=ctx.causal)
         return select_important(mass.cpu(), counts, self.tau, keep_last=self.keep_last and ctx.causal)
+
+    def quantise_kv(self, keys: Tensor, values: Tensor, important: Tensor) -> QuantizedKV:
+        """The mixed-precision cache of one sample and layer (kv_mode="quant"): keys/values [heads, n, d]."""
+        return quantise_kv(keys, values, important, tuple(self.bits))
 
     def plan(self, ctx: SiteContext) -> KeepPlan:
         """ZipVL makes no token cut: it acts at the `llm_attention` site through `important`."""
