@@ -12,9 +12,9 @@ A video is one span per frame (kind "frame", `video` set), on the pooled grid th
 Encoder inputs are numbered as the encoder sees them: every image's views (base first, then tiles in row-major
 order), then every video's frames. Images are numbered 0..I-1 and frames I, I+1, ... (the spans' `image`).
 Budgets: per image by default (base view and tiles share it); see `vtprune.core.scope` for "tile" and "video".
-Sites: `pre_llm`, `llm_layer`, `llm_attention`. Signals: `ClsAttention` (per encoder input; frames' rows pooled like
-their features, see `per_patch_signals`; patch axis padded to the largest input), `QueryAttention`, `PixelValues`
-(the encoder's inputs, in encoder order).
+Sites: `pre_llm`, `llm_layer`, `kv_cache`, `llm_attention`. Signals: `ClsAttention` (per encoder input; frames' rows
+pooled like their features, see `per_patch_signals`; patch axis padded to the largest input), `QueryAttention`,
+`PixelValues` (the encoder's inputs, in encoder order), `PrefillKV`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..core.adapter import Adapter, register_adapter
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout, VisualSpan
-from ..core.signals import ClsAttention, ModelInfo, PixelValues, QueryAttention
+from ..core.signals import ClsAttention, ModelInfo, PixelValues, PrefillKV, QueryAttention
 from .hf_decoder import DecoderCutter
 from .llava import VisionSignals, model_info
 
@@ -97,8 +97,8 @@ def _arguments(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
 @register_adapter
 class LlavaNextAdapter(Adapter):
     family = "llava_next"
-    sites = frozenset({"pre_llm", "llm_layer", "llm_attention"})
-    signals = frozenset({ClsAttention, QueryAttention, PixelValues})
+    sites = frozenset({"pre_llm", "llm_layer", "kv_cache", "llm_attention"})
+    signals = frozenset({ClsAttention, QueryAttention, PixelValues, PrefillKV})
     model_class = "LlavaNextForConditionalGeneration"
     video_newline = False  # whether the model appends one newline token to every video
     # signals with one value per patch [inputs, ..., patches]: for frames they are pooled like the frames' features
