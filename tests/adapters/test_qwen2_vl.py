@@ -17,6 +17,8 @@ KEEP_ALL = [
     ("fastv", dict(keep=1.0, layer=1)),
     ("gui-kv", dict(keep=1.0)),
     ("gui-kv", dict(keep=1.0, gqa_reduce="expand", temporal_keys="pre_rope")),
+    ("zipvl", dict(tau=1.0)),
+    ("zipvl", dict(tau=1.0, kv_mode="full")),
 ]
 NOT_ON_QWEN = {
     "vtc-cls": "the Qwen vision tower has no [CLS] token",

@@ -103,7 +103,7 @@ def _qwen_classes() -> tuple[type, ...]:
 @register_adapter
 class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
-    sites = frozenset({"pre_llm", "llm_layer", "kv_cache"})
+    sites = frozenset({"pre_llm", "llm_layer", "kv_cache", "llm_attention"})
     signals = frozenset({QueryAttention, PrefillKV})
 
     @classmethod
