@@ -12,7 +12,12 @@ from tests.helpers import hooks_of
 from tests.helpers_video import build_tiny_llava_next, build_tiny_next_video, build_tiny_onevision, media_batch
 
 BUILDERS = {"next": build_tiny_llava_next, "onevision": build_tiny_onevision, "next_video": build_tiny_next_video}
-KEEP_EVERY_TOKEN = {**KEEP_ALL, "pool": dict(keep=1.0)}  # grids differ here: pool keeps every cell with a ratio
+NOT_ON_ANYRES = {  # methods these adapters refuse, and why
+    "vflowopt": "maps encoder attention to tokens by image index: no tiles, no pooled frames yet",
+    "visionzip": "merges encoder tokens by image index: no tiles, no pooled frames yet",
+}
+# grids differ here: pool keeps every cell with a ratio
+KEEP_EVERY_TOKEN = {**{k: v for k, v in KEEP_ALL.items() if k not in NOT_ON_ANYRES}, "pool": dict(keep=1.0)}
 CASES = {  # name -> (model, images per sample (height, width), frames of the videos per sample)
     "next-wide-and-tall": ("next", [[(32, 48)], [(60, 40), (64, 64)]], None),
     "next-other-sizes": ("next", [[(20, 90), (50, 50)], [(33, 31)]], None),
@@ -184,6 +189,16 @@ def test_vtc_cls_is_refused_on_a_tower_without_cls(models):
             pass
     assert hooks_of(model) == hooks
     assert "get_image_features" not in vars(model.model)
+
+
+@pytest.mark.parametrize("name", sorted(NOT_ON_ANYRES))
+def test_methods_without_tiles_or_frames_are_refused(models, name):
+    model = models["next"]
+    hooks = hooks_of(model)
+    with pytest.raises(vtprune.UnsupportedSignalError, match=f"method '{name}' needs the signal Vision"):
+        with vtprune.make(name)(model):
+            pass
+    assert hooks_of(model) == hooks
 
 
 def test_detach_removes_the_encoder_wrappers(models):

@@ -95,6 +95,16 @@ def model_info(
     )
 
 
+def attach_language_model(cutter: DecoderCutter, method: "Method", trace: "Trace", requests: list[Any]) -> None:
+    """Attach the decoder cuts, with the language-model signals among `requests`."""
+    cutter.attach(
+        method,
+        trace,
+        [r for r in requests if isinstance(r, QueryAttention)],
+        [r for r in requests if isinstance(r, Transitions)],
+    )
+
+
 class VisionSignals:
     """Captures the vision encoder's signals (per image) while it runs; reused until it runs again."""
 
@@ -218,12 +228,7 @@ class LlavaAdapter(Adapter):
             raise VTPruneError("ProjectorInput needs vision features taken from an encoder layer, not the embeddings")
         self.vision = VisionSignals(self, self.vision_tower, requests, self.feature_layers)
         self.hook(self.model.model, self._on_model)
-        self.cutter.attach(
-            method,
-            trace,
-            [r for r in requests if isinstance(r, QueryAttention)],
-            [r for r in requests if isinstance(r, Transitions)],
-        )
+        attach_language_model(self.cutter, method, trace, requests)
         self.on_detach(self._forget)
 
     def project(self, features: Tensor) -> Tensor:
