@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     import vtprune
 
     from .convert import add_convert
+    from .eval.bench import add_bench
+    from .eval.grid import add_eval
     from .example import add_example
     from .tune import add_tune
 
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     add_example(subparsers)
     add_tune(subparsers)
     add_convert(subparsers)
+    add_bench(subparsers)
+    add_eval(subparsers)
     subparsers.add_parser("methods", help="list the available methods").set_defaults(
         func=lambda args: print("\n".join(vtprune.available())) or 0
     )

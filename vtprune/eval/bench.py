@@ -1,0 +1,314 @@
+"""`vtprune bench`: what each method saves, as ratios to the dense model measured in the same run.
+
+    vtprune bench --model llava-1.5-7b --llm-layers 4 --llm-hidden 1024 --budgets 64 128 192 --out out/bench
+
+For every model shape, method and budget (rows), each a ratio to the dense model on the same prompt:
+- prefill: one forward over the prompt, vision encoder included (median of `--repeats`, runs interleaved);
+- bound: the vision encoder plus the dense language model fed the pruned length (no scoring, no hooks): what a
+  free cut at the LLM input would cost; overhead = prefill / bound;
+- TTFT: `generate(max_new_tokens=1)`; end-to-end: `generate` of `--new-tokens` tokens (always that many);
+- peak memory during that `generate`, above the memory in use before it (CUDA: `torch.cuda.max_memory_allocated`;
+  CPU: peak resident set size, see `measure.PeakMemory`; measured after all timings, one run each);
+- KV cache bytes after the prefill (layers cut at different depths hold different lengths);
+- analytic LLM prefill FLOPs (`vtprune.eval.flops`: 4·n·d² + 2·n²·d + 3·n·d·m per decoder layer, each layer's n).
+Methods with a `keep` run at every `--budgets` value; presets (`transprune:preset=high`) are budgets of their own.
+Model shapes: `llava-1.5-7b` (CLIP-L/336 tower, 576 visual tokens, Llama LM, random weights; `--llm-layers`,
+`--llm-hidden`, `--vision-layers`, `--vision-hidden` scale it down), `toy` (the embedded model), or a local path / hub
+id (`from_pretrained`).
+Writes bench.md, bench.csv, bench.json and bench.png (prefill speedup vs kept visual tokens) to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+import vtprune
+from vtprune.core import method_class
+
+from ..cli import parse_keep, parse_options
+from .flops import llm_flops, visual_tokens_per_layer
+from .measure import PeakMemory, cache_bytes
+from .speed import median_seconds
+
+LLAVA_15_7B = "llava-1.5-7b"
+DEFAULT_METHODS = [  # methods with a `keep` run at every budget; a preset (or no keep option) is its own budget
+    "vtc-cls", "fastv:layer=2", "random", "pool", "visionzip", "transprune:preset=high", "transprune:preset=low",
+    "vflowopt:preset=keep10", "vflowopt:preset=keep25", "vflowopt:preset=keep50",
+]
+
+
+def llava15_shaped(
+    llm_hidden: int = 4096, llm_layers: int = 32, vision_hidden: int = 1024, vision_layers: int = 24
+) -> torch.nn.Module:
+    """LLaVA-1.5-7B's shape with random weights: CLIP-L/336 tower (24 x 1024, 14 px patches: 576 visual tokens) and a
+    Llama LM (32 x 4096, heads of 128); the widths and depths scale down, the 576 visual tokens stay."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=4 * vision_hidden, num_hidden_layers=vision_layers,
+        num_attention_heads=vision_hidden // 64, image_size=336, patch_size=14, projection_dim=768,
+    )
+    text = LlamaConfig(
+        vocab_size=32064, hidden_size=llm_hidden, intermediate_size=int(llm_hidden * 2.6875) // 64 * 64,
+        num_hidden_layers=llm_layers, num_attention_heads=llm_hidden // 128, num_key_value_heads=llm_hidden // 128,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = None  # random weights: always decode the requested number of tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def llava15_inputs(text_tokens: int) -> dict[str, torch.Tensor]:
+    """One image (576 tokens) inside `text_tokens` text tokens, random pixels."""
+    before = text_tokens // 2
+    ids = torch.tensor([[1] + [500] * (before - 1) + [32000] * 576 + [600] * (text_tokens - before)])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 336, 336)}
+
+
+def load_shape(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """(model, prompt inputs) of a model shape, on `args.device`."""
+    if name == LLAVA_15_7B:
+        model = llava15_shaped(args.llm_hidden, args.llm_layers, args.vision_hidden, args.vision_layers)
+        inputs = llava15_inputs(args.text_tokens)
+    else:
+        from PIL import Image
+
+        from ..loading import load, prepare
+
+        model, processor = load(name)
+        ramp = Image.linear_gradient("L").resize((336, 336))
+        image = Image.merge("RGB", (ramp, ramp.transpose(Image.Transpose.ROTATE_90), Image.new("L", ramp.size, 90)))
+        inputs = prepare(processor, [image], args.question)
+        model.generation_config.eos_token_id = None  # always decode the requested number of tokens
+    model = model.to(args.device, args.dtype)
+    inputs = {k: v.to(args.device) for k, v in inputs.items()}
+    return model, {k: v.to(args.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """`fastv:layer=2,scope=sample` -> ("fastv", {"layer": 2, "scope": "sample"})."""
+    name, _, options = spec.partition(":")
+    return name, parse_options(options.split(",")) if options else {}
+
+
+def method_grid(specs: list[str], budgets: list[int | float]) -> list[tuple[str, Any, Any]]:
+    """(name, budget, method) per grid cell: each budget as `keep` for methods that have one and no preset; a method
+    with a preset (its budget) or without a `keep` option runs once, its budget column the preset (or "—")."""
+    grid = []
+    for name, options in map(parse_method, specs):
+        if "preset" in options or "keep" in options or "keep" not in {f.name for f in fields(method_class(name))}:
+            grid.append((name, options.get("preset", options.get("keep", "—")), vtprune.make(name, **options)))
+        else:
+            grid += [(name, keep, vtprune.make(name, keep=keep, **options)) for keep in budgets]
+    return grid
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    keep: int | float | str | None  # the budget: keep, or a preset's name
+    visual_before: int | None
+    visual_after: int | None
+    prefill: float  # seconds for dense; ratio to dense otherwise (as every field below)
+    bound: float | None
+    overhead: float | None
+    ttft: float
+    end_to_end: float
+    peak_memory: float | None
+    kv_cache: float
+    flops: float
+
+
+class Config:
+    """One column of the grid on one model: a method at a budget, or dense (method None)."""
+
+    def __init__(self, model: torch.nn.Module, inputs: dict, method: Any, new_tokens: int) -> None:
+        self.model, self.inputs, self.method, self.new_tokens = model, inputs, method, new_tokens
+        self.times: dict[str, list[float]] = {"prefill": [], "ttft": [], "end_to_end": []}
+        self.memory: int | None = None  # peak bytes of one `generate(new_tokens)`
+
+    def session(self) -> Any:
+        return self.method(self.model) if self.method is not None else nullcontext()
+
+    def prefill(self) -> Any:
+        with torch.no_grad(), self.session() as trace:
+            out = self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+        return out, trace
+
+    def generate(self, new_tokens: int) -> None:
+        with torch.no_grad(), self.session():
+            self.model.generate(**self.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    def steps(self) -> dict[str, Callable[[], Any]]:
+        return {"prefill": self.prefill, "ttft": lambda: self.generate(1), "end_to_end": lambda: self.generate(self.new_tokens)}
+
+    def median(self, key: str) -> float:
+        return statistics.median(self.times[key])
+
+
+def time_once(fn: Callable[[], Any]) -> float:
+    return median_seconds(fn, repeats=1, warmup=0)
+
+
+def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
+    model, inputs = load_shape(name, args)
+    text = model.config.get_text_config()
+    dims, layers = (text.hidden_size, text.intermediate_size), text.num_hidden_layers
+    prompt = inputs["input_ids"].shape[1]
+    dense = Config(model, inputs, None, args.new_tokens)
+    grid = [(n, keep, Config(model, inputs, method, args.new_tokens)) for n, keep, method in args.grid]
+    rows = [Row(name, "dense", None, None, None, 0.0, None, None, 0.0, 0.0, None,
+                cache_bytes(dense.prefill()[0].cache), llm_flops([prompt] * layers, *dims))]
+    for method_name, keep, config in grid:  # warm up, fail early on a bad method or budget, count what is kept
+        out, trace = config.prefill()
+        before, after = trace.visual_tokens(0)[0]
+        flops = llm_flops([prompt - before + n for n in visual_tokens_per_layer(trace, layers, forward=0)], *dims)
+        rows.append(Row(name, method_name, keep, before, after, 0.0, None, None, 0.0, 0.0, None,
+                        cache_bytes(out.cache) / rows[0].kv_cache, flops / rows[0].flops))
+    rows[0].visual_before = rows[0].visual_after = rows[1].visual_before if len(rows) > 1 else None
+    configs = [dense] + [config for *_, config in grid]
+    for config in configs:
+        config.generate(1)
+
+    # the bound: the vision encoder, then the dense language model on the pruned length (no scoring, no hooks)
+    vision_inputs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes") if k in inputs}
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    lengths = sorted({prompt - (r.visual_before - r.visual_after) for r in rows[1:]})
+    embeds = {n: torch.randn(1, n, text.hidden_size, device=args.device, dtype=args.dtype) for n in lengths}
+
+    def free_cut(length: int) -> None:
+        with torch.no_grad():
+            model.get_image_features(**vision_inputs)
+            head(decoder(inputs_embeds=embeds[length]).last_hidden_state[:, -1:])
+
+    bound_times: dict[int, list[float]] = {n: [] for n in lengths}
+    for _ in range(args.repeats):  # interleaved: drift on a busy machine hits every configuration alike
+        for config in configs:
+            for key, step in config.steps().items():
+                config.times[key].append(time_once(step))
+                bar.update(1)
+        for length in lengths:
+            bound_times[length].append(time_once(lambda: free_cut(length)))
+    for config in configs:  # after all timings: a peak-memory run each
+        meter = PeakMemory(model.device)
+        meter.start()
+        config.generate(args.new_tokens)
+        config.memory = meter.stop()
+        bar.update(1)
+
+    dense_row = rows[0]
+    dense_row.prefill, dense_row.ttft = dense.median("prefill"), dense.median("ttft")
+    dense_row.end_to_end, dense_row.peak_memory = dense.median("end_to_end"), dense.memory
+    for row, (*_, config) in zip(rows[1:], grid):
+        row.prefill = config.median("prefill") / dense_row.prefill
+        row.bound = statistics.median(bound_times[prompt - (row.visual_before - row.visual_after)]) / dense_row.prefill
+        row.overhead = row.prefill / row.bound
+        row.ttft = config.median("ttft") / dense_row.ttft
+        row.end_to_end = config.median("end_to_end") / dense_row.end_to_end
+        row.peak_memory = config.memory / dense.memory if config.memory is not None and dense.memory else None
+    return rows
+
+
+def markdown(rows: list[Row], new_tokens: int) -> str:
+    def num(value: Any, digits: int = 3) -> str:
+        return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    lines = [
+        f"| model | method | keep | visual tokens | prefill | bound | overhead | TTFT | end-to-end ({new_tokens} tok) "
+        "| peak memory | KV cache | FLOPs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if r.method == "dense":
+            memory = "—" if r.peak_memory is None else f"{r.peak_memory / 2**20:.4g} MiB"
+            cells = [r.model, "dense", "—", num(r.visual_before), f"{r.prefill:.3f} s", "—", "—", f"{r.ttft:.3f} s",
+                     f"{r.end_to_end:.3f} s", memory, f"{r.kv_cache / 2**20:.4g} MiB", f"{r.flops / 1e9:.4g} GFLOPs"]
+        else:
+            cells = [r.model, r.method, num(r.keep), f"{r.visual_before} → {r.visual_after}", num(r.prefill),
+                     num(r.bound), num(r.overhead), num(r.ttft), num(r.end_to_end), num(r.peak_memory),
+                     num(r.kv_cache), num(r.flops)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r.model for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        pruned = [r for r in rows if r.model == model and r.method != "dense"]
+        for method in dict.fromkeys(r.method for r in pruned):
+            points = sorted((r.visual_after, 1 / r.prefill) for r in pruned if r.method == method)
+            ax.plot(*zip(*points), marker="o", label=method)
+        bound = sorted({(r.visual_after, 1 / r.bound) for r in pruned})
+        ax.plot(*zip(*bound), linestyle="--", color="gray", label="bound (free cut)")
+        ax.axhline(1.0, color="black", linewidth=0.5)
+        ax.set(title=model, xlabel="visual tokens kept", ylabel="prefill speedup vs dense")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    args.grid = method_grid(args.methods, args.budgets)  # unknown method or option: fails before building any model
+    torch.set_grad_enabled(False)
+    steps = len(args.models) * (1 + len(args.grid)) * (3 * args.repeats + 1)  # timings, memory
+    rows = []
+    with tqdm(total=steps, desc="vtprune bench") as bar:
+        for name in args.models:
+            rows += bench_model(name, args, bar)
+    table = markdown(rows, args.new_tokens)
+    print(f"\nCPU threads: {torch.get_num_threads()}, device: {args.device}, dtype: {str(args.dtype)[6:]}, "
+          f"median of {args.repeats}; dense row: absolute values, other rows: ratios to dense\n")
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.md").write_text(table + "\n")
+        (out / "bench.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        with open(out / "bench.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in rows)
+        plot(rows, out / "bench.png")
+        print(f"\nwrote {out}/bench.md, bench.csv, bench.json, bench.png")
+    return 0
+
+
+def add_bench(subparsers: Any) -> None:
+    p = subparsers.add_parser("bench", help="speed, memory, KV cache and FLOPs of methods vs dense, as ratios",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", "--model", nargs="+", default=[LLAVA_15_7B],
+                   help=f"{LLAVA_15_7B} (random weights), toy, or a local path / hub id")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="NAME or NAME:opt=value,opt=value")
+    p.add_argument("--budgets", nargs="+", type=parse_keep, default=[64, 128, 192], help="keep values (int or ratio)")
+    p.add_argument("--llm-layers", type=int, default=32, help=f"{LLAVA_15_7B}: decoder layers")
+    p.add_argument("--llm-hidden", type=int, default=4096, help=f"{LLAVA_15_7B}: LM width (heads of 128)")
+    p.add_argument("--vision-layers", type=int, default=24, help=f"{LLAVA_15_7B}: vision encoder layers")
+    p.add_argument("--vision-hidden", type=int, default=1024, help=f"{LLAVA_15_7B}: vision encoder width (heads of 64)")
+    p.add_argument("--text-tokens", type=int, default=60, help=f"{LLAVA_15_7B}: prompt text around the image")
+    p.add_argument("--question", default="what is in the picture?", help="prompt for loaded models")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated for the end-to-end time")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", type=lambda s: getattr(torch, s), default=torch.float32, help="float32, bfloat16, ...")
+    p.add_argument("--out", help="folder for bench.md / .csv / .json / .png")
+    p.set_defaults(func=run_bench)

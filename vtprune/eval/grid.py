@@ -1,0 +1,136 @@
+"""`vtprune eval`: a grid of methods × budgets run through lmms-eval in this process, written as one table.
+
+    vtprune eval --pretrained toy --methods vtc-cls fastv:layer=2 --budgets 64 128 --tasks vtprune_toy_vqa --limit 200
+
+The model is loaded once as lmms-eval's model `vtprune` (see `vtprune.eval.lmms`); every cell (dense first, then each
+method at each budget) is one `lmms_eval.evaluator.simple_evaluate` with that method swapped in. Columns: each task
+metric, the mean visual tokens before -> after, and the medians over samples of prefill time, request time and peak
+memory (see `vtprune.eval.lmms`), each divided by dense's. `--include_path` defaults to vtprune's own tasks (vtprune_toy_vqa). Writes eval.md, eval.csv and eval.json
+(rows and each cell's lmms-eval results, samples left out) to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cli import parse_keep, parse_options
+from .bench import parse_method
+from .toy_vqa import TASK_DIR
+
+MEASURES = ("prefill_seconds", "seconds", "peak_memory_bytes")
+
+
+def cell_row(label: str, keep: Any, results: dict) -> dict[str, Any]:
+    """One table row from a simple_evaluate result: task metrics, mean visual tokens, median per-sample measures."""
+    row: dict[str, Any] = {"method": label, "keep": keep}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            name, _, _filter = key.partition(",")
+            if isinstance(value, (int, float)) and "stderr" not in name:
+                row[f"{task}/{name}"] = value
+    counts = [s["token_counts"][0] for samples in results["samples"].values() for s in samples if s["token_counts"]]
+    for name, summary in (("visual_tokens_before", statistics.fmean), ("visual_tokens_after", statistics.fmean),
+                          *((measure, statistics.median) for measure in MEASURES)):
+        values = [c[name] for c in counts if c.get(name) is not None]
+        row[name] = summary(values) if values else None
+    return row
+
+
+def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Measures divided by the dense row's (rows[0]); dense's visual tokens are the pruned rows' before."""
+    dense = rows[0]
+    if dense["visual_tokens_before"] is None and len(rows) > 1:
+        dense["visual_tokens_before"] = dense["visual_tokens_after"] = rows[1]["visual_tokens_before"]
+    for row in rows:
+        for measure in MEASURES:
+            base = dense[measure]
+            row[f"{measure}_ratio"] = row[measure] / base if row[measure] is not None and base else None
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    metrics = [k for k in rows[0] if "/" in k]
+    header = ["method", "keep", "visual tokens", *metrics, "prefill / dense", "request / dense", "peak memory / dense"]
+
+    def num(value: Any) -> str:
+        return "—" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    def tokens(row: dict) -> str:
+        before, after = row["visual_tokens_before"], row["visual_tokens_after"]
+        return "—" if before is None else f"{before:g}" if before == after else f"{before:g} → {after:g}"
+
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        cells = [row["method"], num(row["keep"]), tokens(row), *(num(row.get(m)) for m in metrics),
+                 num(row["prefill_seconds_ratio"]), num(row["seconds_ratio"]), num(row["peak_memory_bytes_ratio"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from .lmms import VTPrune, VTPruneChat, make_method
+
+    grid = [(name, options, keep) for keep in args.budgets for name, options in map(parse_method, args.methods)]
+    methods = [make_method(name, keep, options) for name, options, keep in grid]  # bad methods fail before loading
+    model_class = VTPrune if args.force_simple else VTPruneChat
+    lm = model_class(base=args.base, pretrained=args.pretrained, device=args.device, **parse_options(args.model_arg))
+    lm.release_after_run = False  # every cell reuses the loaded model
+    tasks = TaskManager(include_path=args.include_path or str(TASK_DIR), include_defaults=False)
+    if not set(args.tasks) <= set(tasks.all_tasks):  # indexing lmms-eval's own tasks takes a while: only if needed
+        tasks = TaskManager(include_path=args.include_path or str(TASK_DIR))
+    rows, cells = [], {}
+    for (name, _, keep), method in [(("dense", {}, None), None), *zip(grid, methods)]:
+        lm.use(method)
+        results = simple_evaluate(
+            model=lm, tasks=args.tasks, limit=args.limit, task_manager=tasks, device=args.device,
+            gen_kwargs=args.gen_kwargs, log_samples=True, bootstrap_iters=0,
+        )
+        if results is None:  # not the main process of a distributed run
+            continue
+        rows.append(cell_row(name, keep, results))
+        cells[f"{name} keep={keep}"] = {k: v for k, v in results.items() if k != "samples"}
+    if not rows:
+        return 0
+    rows = with_ratios(rows)
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.md").write_text(table + "\n")
+        (out / "eval.json").write_text(json.dumps({"rows": rows, "cells": cells}, indent=1, default=str))
+        with open(out / "eval.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"\nwrote {out}/eval.md, eval.csv, eval.json")
+    return 0
+
+
+def add_eval(subparsers: Any) -> None:
+    p = subparsers.add_parser("eval", help="accuracy and cost of methods x budgets through lmms-eval, one table",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="llava_hf", help="lmms-eval model family (see vtprune.eval.lmms.BASES)")
+    p.add_argument("--pretrained", default="toy", help="hub id or local path; 'toy' is the embedded model")
+    p.add_argument("--methods", nargs="+", default=["vtc-cls", "fastv:layer=2"], help="NAME or NAME:opt=value,...")
+    p.add_argument("--budgets", nargs="+", type=parse_keep, default=[64, 128])
+    p.add_argument("--tasks", nargs="+", default=["vtprune_toy_vqa"])
+    p.add_argument("--include-path", help="lmms-eval task folder (default: vtprune's tasks)")
+    p.add_argument("--limit", type=float, help="documents per task (lmms-eval --limit)")
+    p.add_argument("--gen-kwargs", help="lmms-eval --gen_kwargs, e.g. max_new_tokens=8")
+    p.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="argument of the base class, e.g. device_map=cpu, dtype=bfloat16 (repeatable)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--force-simple", action="store_true", help="lmms-eval's simple model class instead of chat")
+    p.add_argument("--out", help="folder for eval.md / .csv / .json")
+    p.set_defaults(func=run_eval)

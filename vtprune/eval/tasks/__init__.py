@@ -1,0 +1,1 @@
+"""lmms-eval task folders shipped with vtprune; pass this folder as `--include_path`."""
