@@ -58,15 +58,17 @@ def hooks_of(model: nn.Module) -> int:
     return sum(not getattr(fn, "__module__", "").startswith("transformers.") for fn in hooks)
 
 
-def build_tiny_processor():
-    """An offline LlavaProcessor for the tiny model: word-level tokenizer (100 ids, `<image>` = 99), 32 px images."""
+def build_tiny_processor(backend=None, chat_template: str | None = None):
+    """An offline LlavaProcessor for the tiny model: word-level tokenizer (100 ids, `<image>` = 99), 32 px images.
+
+    `backend`: another `tokenizers.Tokenizer` with the same special tokens (default: words w0..w92)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-    words = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:"] + [f"w{i}" for i in range(93)] + ["<image>"]
-    vocab = {word: i for i, word in enumerate(words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if backend is None:
+        words = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:"] + [f"w{i}" for i in range(93)] + ["<image>"]
+        backend = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         padding_side="left", extra_special_tokens={"image_token": "<image>"},
@@ -74,7 +76,7 @@ def build_tiny_processor():
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        num_additional_image_tokens=1, chat_template=chat_template,
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import IMAGE_TOKEN, build_tiny_llava
+from tests.helpers import IMAGE_TOKEN, build_tiny_llava, build_tiny_processor
 from vtprune.eval.toy_vqa import DATA_FILE, TASK_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,9 +36,8 @@ def task_words() -> list[str]:
 
 
 def build_task_processor():
-    """An offline LlavaProcessor for the tiny model (32 px images, `<image>` = 99) speaking the task's words."""
+    """The tiny model's offline processor (32 px images, `<image>` = 99), its tokenizer speaking the task's words."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
     words = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", ":"] + task_words()
     assert len(words) < IMAGE_TOKEN
@@ -49,15 +48,7 @@ def build_task_processor():
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
     )
     backend.add_special_tokens(["<pad>", "<s>", "</s>", "<unk>", "<image>"])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        padding_side="left", extra_special_tokens={"image_token": "<image>"},
-    )
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
-    )
+    return build_tiny_processor(backend, CHAT_TEMPLATE)
 
 
 def save_tiny_model(folder: Path) -> Path:

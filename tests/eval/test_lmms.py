@@ -220,3 +220,16 @@ def test_qwen_bases_run_through_lmms_evals_own_classes(tmp_path, kind, base, cha
     counts = result.token_counts
     # lmms-eval resizes the image first (qwen_vl_utils: 28 px multiples): some dozens of visual tokens, 4 kept
     assert counts.visual_tokens_before > 16 and (counts.visual_tokens_after, counts.output_tokens) == (4, 2)
+
+
+def test_pretrained_toy_names_the_embedded_model_folder():
+    import vtprune
+    from vtprune.eval.lmms import resolve_pretrained
+
+    folder = Path(vtprune.__file__).resolve().parent / "toy" / "model"
+    if (folder / "config.json").is_file():
+        assert resolve_pretrained("toy") == str(folder)
+    else:
+        with pytest.raises(VTPruneError, match="pretrained=toy: the embedded model is missing"):
+            resolve_pretrained("toy")
+    assert resolve_pretrained("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
