@@ -112,7 +112,7 @@ BAD_ARGS = [
     (f"method=vtc-cls,keep={GRID * GRID + 1},start_layer=0", f"keep=17 is more than the {GRID * GRID} visual tokens"),
     ("method=vtc-cls,keep=0,start_layer=0", "keep=0: keep at least one visual token"),
     ("method=fastv,keep=1.5", "keep=1.5: a ratio must lie in"),
-    ("method=vtc-cls,keep=4,start_layr=0", "neither method 'vtc-cls' (options: encoder_block, keep, start_layer)"),
+    ("method=vtc-cls,keep=4,start_layr=0", "neither method 'vtc-cls' (options: encoder_block, keep, preset, start_layer)"),
     ("method=dense,keep=4", "method=dense prunes nothing"),
     ("base=llava_onevision,method=fastv,keep=4", "unsupported base model 'llava_onevision'; supported: llava_hf"),
 ]

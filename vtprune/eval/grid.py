@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..cli import parse_keep, parse_options
-from .bench import parse_method
+from .bench import method_grid
 from .toy_vqa import TASK_DIR
 
 MEASURES = ("prefill_seconds", "seconds", "peak_memory_bytes")
@@ -78,10 +78,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    from .lmms import VTPrune, VTPruneChat, make_method
+    from .lmms import VTPrune, VTPruneChat
 
-    grid = [(name, options, keep) for keep in args.budgets for name, options in map(parse_method, args.methods)]
-    methods = [make_method(name, keep, options) for name, options, keep in grid]  # bad methods fail before loading
+    grid = method_grid(args.methods, args.budgets)  # a bad method or option fails before the model loads
     model_class = VTPrune if args.force_simple else VTPruneChat
     lm = model_class(base=args.base, pretrained=args.pretrained, device=args.device, **parse_options(args.model_arg))
     lm.release_after_run = False  # every cell reuses the loaded model
@@ -89,7 +88,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if not set(args.tasks) <= set(tasks.all_tasks):  # indexing lmms-eval's own tasks takes a while: only if needed
         tasks = TaskManager(include_path=args.include_path or str(TASK_DIR))
     rows, cells = [], {}
-    for (name, _, keep), method in [(("dense", {}, None), None), *zip(grid, methods)]:
+    for name, keep, method in [("dense", None, None), *grid]:
         lm.use(method)
         results = simple_evaluate(
             model=lm, tasks=args.tasks, limit=args.limit, task_manager=tasks, device=args.device,
@@ -122,7 +121,8 @@ def add_eval(subparsers: Any) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="llava_hf", help="lmms-eval model family (see vtprune.eval.lmms.BASES)")
     p.add_argument("--pretrained", default="toy", help="hub id or local path; 'toy' is the embedded model")
-    p.add_argument("--methods", nargs="+", default=["vtc-cls", "fastv:layer=2"], help="NAME or NAME:opt=value,...")
+    p.add_argument("--methods", nargs="+", default=["vtc-cls", "fastv:layer=2"],
+                   help="NAME or NAME:opt=value,...; a method with a preset (NAME:preset=P) runs once")
     p.add_argument("--budgets", nargs="+", type=parse_keep, default=[64, 128])
     p.add_argument("--tasks", nargs="+", default=["vtprune_toy_vqa"])
     p.add_argument("--include-path", help="lmms-eval task folder (default: vtprune's tasks)")
