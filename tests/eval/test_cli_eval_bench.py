@@ -25,14 +25,19 @@ def test_bench_writes_tables_and_plot_with_ratios_to_dense(tiny, tmp_path, capsy
 
     question = "what color is the circle ?"
     code = main([
-        "bench", "--model", str(tiny), "--methods", "random", "fastv:layer=2", "--budgets", "4", "0.5",
+        "bench", "--model", str(tiny), "--methods", "random", "fastv:layer=2", "transprune:preset=low",
+        "--budgets", "4", "0.5",
         "--repeats", "1", "--new-tokens", "2", "--question", question, "--out", str(tmp_path), "--device", "cpu",
     ])
     assert code == 0
     assert "| dense | — | 16 |" in capsys.readouterr().out
     rows = {(r["method"], r["keep"]): r for r in json.loads((tmp_path / "bench.json").read_text())}
-    assert set(rows) == {("dense", None), ("random", 4), ("fastv", 4), ("random", 0.5), ("fastv", 0.5)}
-    assert (tmp_path / "bench.png").stat().st_size > 0 and (tmp_path / "bench.csv").read_text().count("\n") == 6
+    assert set(rows) == {
+        ("dense", None), ("random", 4), ("fastv", 4), ("random", 0.5), ("fastv", 0.5), ("transprune", "low")
+    }
+    assert (tmp_path / "bench.png").stat().st_size > 0 and (tmp_path / "bench.csv").read_text().count("\n") == 7
+    preset = rows.pop(("transprune", "low"))  # a preset is a budget of its own, run once
+    assert preset["visual_after"] < GRID * GRID and preset["kv_cache"] < 1 and preset["flops"] < 1
     # the prompt's length and the model's widths give the KV-cache and FLOPs ratios exactly
     image = Image.linear_gradient("L").resize((336, 336))
     length = prepare(AutoProcessor.from_pretrained(tiny), [image.convert("RGB")], question)["input_ids"].shape[1]
@@ -46,7 +51,8 @@ def test_bench_writes_tables_and_plot_with_ratios_to_dense(tiny, tmp_path, capsy
         first = 2 if method == "fastv" else 0  # fastv cuts before decoder layer 2
         counts = [length] * first + [length - (GRID * GRID - kept)] * (layers - first)
         assert row["kv_cache"] == pytest.approx(sum(counts) / (length * layers))
-        assert row["flops"] == pytest.approx(sum(layer_flops(n, *dims) for n in counts) / (layers * layer_flops(length, *dims)))
+        dense_flops = layers * layer_flops(length, *dims)
+        assert row["flops"] == pytest.approx(sum(layer_flops(n, *dims) for n in counts) / dense_flops)
         assert row["prefill"] > 0 and row["ttft"] > 0 and row["end_to_end"] > 0 and row["bound"] > 0
         assert row["overhead"] == pytest.approx(row["prefill"] / row["bound"])
 
@@ -60,7 +66,8 @@ def test_eval_runs_a_grid_through_lmms_eval_and_writes_one_table(tiny, tmp_path,
     ])
     assert code == 0
     table = capsys.readouterr().out
-    assert "| dense | — | 16 |" in table and "| vtc-cls | 4 | 16 → 4 |" in table and "| random | 4 | 16 → 4 |" in table
+    for row in ("| dense | — | 16 |", "| vtc-cls | 4 | 16 → 4 |", "| random | 4 | 16 → 4 |"):
+        assert row in table
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert [(r["method"], r["keep"]) for r in rows] == [("dense", None), ("vtc-cls", 4), ("random", 4)]
     for row in rows:

@@ -151,7 +151,8 @@ class ScoringLlava(lmms):
         out = []
         for context, continuation, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
             images = doc_to_visual(self.task_dict[task][split][doc_id])
-            inputs = self.processor(images=images, text=f"USER: <image>\n{context} ASSISTANT: {continuation}", return_tensors="pt")
+            prompt = f"USER: <image>\n{context} ASSISTANT: {continuation}"
+            inputs = self.processor(images=images, text=prompt, return_tensors="pt")
             n = len(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
             with torch.no_grad():
                 logits = self.model(**inputs).logits[0, -n - 1 : -1].log_softmax(-1)

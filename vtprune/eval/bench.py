@@ -3,7 +3,8 @@
     vtprune bench --model llava-1.5-7b --llm-layers 4 --llm-hidden 1024 --budgets 64 128 192 --out out/bench
 
 For every model shape, method and budget (rows), each a ratio to the dense model on the same prompt:
-- prefill: one forward over the prompt, vision encoder included (median of `--repeats`, runs interleaved);
+- prefill: one forward over the prompt, vision encoder included (fastest of `--repeats` interleaved runs: on a busy
+  machine interference only ever adds time);
 - bound: the vision encoder plus the dense language model fed the pruned length (no scoring, no hooks): what a
   free cut at the LLM input would cost; overhead = prefill / bound;
 - TTFT: `generate(max_new_tokens=1)`; end-to-end: `generate` of `--new-tokens` tokens (always that many);
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -153,10 +153,11 @@ class Config:
             self.model.generate(**self.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
     def steps(self) -> dict[str, Callable[[], Any]]:
-        return {"prefill": self.prefill, "ttft": lambda: self.generate(1), "end_to_end": lambda: self.generate(self.new_tokens)}
+        return {"prefill": self.prefill, "ttft": lambda: self.generate(1),
+                "end_to_end": lambda: self.generate(self.new_tokens)}
 
-    def median(self, key: str) -> float:
-        return statistics.median(self.times[key])
+    def best(self, key: str) -> float:
+        return min(self.times[key])
 
 
 def time_once(fn: Callable[[], Any]) -> float:
@@ -210,14 +211,14 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
         bar.update(1)
 
     dense_row = rows[0]
-    dense_row.prefill, dense_row.ttft = dense.median("prefill"), dense.median("ttft")
-    dense_row.end_to_end, dense_row.peak_memory = dense.median("end_to_end"), dense.memory
+    dense_row.prefill, dense_row.ttft = dense.best("prefill"), dense.best("ttft")
+    dense_row.end_to_end, dense_row.peak_memory = dense.best("end_to_end"), dense.memory
     for row, (*_, config) in zip(rows[1:], grid):
-        row.prefill = config.median("prefill") / dense_row.prefill
-        row.bound = statistics.median(bound_times[prompt - (row.visual_before - row.visual_after)]) / dense_row.prefill
+        row.prefill = config.best("prefill") / dense_row.prefill
+        row.bound = min(bound_times[prompt - (row.visual_before - row.visual_after)]) / dense_row.prefill
         row.overhead = row.prefill / row.bound
-        row.ttft = config.median("ttft") / dense_row.ttft
-        row.end_to_end = config.median("end_to_end") / dense_row.end_to_end
+        row.ttft = config.best("ttft") / dense_row.ttft
+        row.end_to_end = config.best("end_to_end") / dense_row.end_to_end
         row.peak_memory = config.memory / dense.memory if config.memory is not None and dense.memory else None
     return rows
 
@@ -251,17 +252,19 @@ def plot(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r.model for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         pruned = [r for r in rows if r.model == model and r.method != "dense"]
         for method in dict.fromkeys(r.method for r in pruned):
-            points = sorted((r.visual_after, 1 / r.prefill) for r in pruned if r.method == method)
-            ax.plot(*zip(*points), marker="o", label=method)
+            points = sorted((r.visual_after, 1 / r.prefill, r.keep) for r in pruned if r.method == method)
+            budgets = all(isinstance(keep, (int, float)) for *_, keep in points)  # presets: points, not a line
+            x, y, _ = zip(*points)
+            ax.plot(x, y, marker="o" if budgets else "x", linestyle="-" if budgets else "none", label=method)
         bound = sorted({(r.visual_after, 1 / r.bound) for r in pruned})
         ax.plot(*zip(*bound), linestyle="--", color="gray", label="bound (free cut)")
         ax.axhline(1.0, color="black", linewidth=0.5)
-        ax.set(title=model, xlabel="visual tokens kept", ylabel="prefill speedup vs dense")
-        ax.legend()
+        ax.set(title=model, xlabel="visual tokens kept (after the last cut)", ylabel="prefill speedup vs dense")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -270,6 +273,8 @@ def plot(rows: list[Row], path: Path) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     args.grid = method_grid(args.methods, args.budgets)  # unknown method or option: fails before building any model
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     steps = len(args.models) * (1 + len(args.grid)) * (3 * args.repeats + 1)  # timings, memory
     rows = []
     with tqdm(total=steps, desc="vtprune bench") as bar:
@@ -277,7 +282,7 @@ def run_bench(args: argparse.Namespace) -> int:
             rows += bench_model(name, args, bar)
     table = markdown(rows, args.new_tokens)
     print(f"\nCPU threads: {torch.get_num_threads()}, device: {args.device}, dtype: {str(args.dtype)[6:]}, "
-          f"median of {args.repeats}; dense row: absolute values, other rows: ratios to dense\n")
+          f"fastest of {args.repeats}; dense row: absolute values, other rows: ratios to dense\n")
     print(table)
     if args.out:
         out = Path(args.out)
@@ -309,6 +314,7 @@ def add_bench(subparsers: Any) -> None:
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated for the end-to-end time")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     p.add_argument("--dtype", type=lambda s: getattr(torch, s), default=torch.float32, help="float32, bfloat16, ...")
     p.add_argument("--out", help="folder for bench.md / .csv / .json / .png")
     p.set_defaults(func=run_bench)

@@ -5,8 +5,9 @@
 The model is loaded once as lmms-eval's model `vtprune` (see `vtprune.eval.lmms`); every cell (dense first, then each
 method at each budget) is one `lmms_eval.evaluator.simple_evaluate` with that method swapped in. Columns: each task
 metric, the mean visual tokens before -> after, and the medians over samples of prefill time, request time and peak
-memory (see `vtprune.eval.lmms`), each divided by dense's. `--include_path` defaults to vtprune's own tasks (vtprune_toy_vqa). Writes eval.md, eval.csv and eval.json
-(rows and each cell's lmms-eval results, samples left out) to `--out`.
+memory (see `vtprune.eval.lmms`), each divided by dense's. `--include_path` defaults to vtprune's own tasks
+(vtprune_toy_vqa). Writes eval.md, eval.csv and eval.json (rows and each cell's lmms-eval results, samples left out)
+to `--out`.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@
 
 Registered through the `lmms_eval.models` entry point (pyproject.toml); lmms-eval is used as released, not forked.
 model_args: `base` (a key of `BASES`), `method` (a vtprune method, or `dense` for none), `keep`, `preset` and any option
-of the method; every other argument goes to the base class (`pretrained`, `device_map`, `dtype`, ...). `pretrained=toy` is the
-embedded model. All of it is checked, and the method runs once on a probe image, before any sample, so bad arguments
-(unknown method or base, keep out of range, unsupported model) fail at once with a VTPruneError.
+of the method; every other argument goes to the base class (`pretrained`, `device_map`, `dtype`, ...).
+`pretrained=toy` is the embedded model. All of it is checked, and the method runs once on a probe image, before any
+sample, so bad arguments (unknown method or base, keep out of range, unsupported model) fail at once (VTPruneError).
 
 Requests run one at a time (batch size 1), each inside `with method(model) as trace:`. Each logged sample's
 `token_counts` gains visual_tokens_before / visual_tokens_after (first cut to last, from the trace), prefill_seconds
@@ -57,7 +57,9 @@ class Base:
 
 
 BASES = {  # base name -> lmms-eval classes; vtprune's adapters decide which checkpoints of a family are supported
-    "llava_hf": Base("lmms_eval.models.simple.llava_hf.LlavaHf", "lmms_eval.models.chat.llava_hf.LlavaHf", "_image_processor"),
+    "llava_hf": Base(
+        "lmms_eval.models.simple.llava_hf.LlavaHf", "lmms_eval.models.chat.llava_hf.LlavaHf", "_image_processor"
+    ),
     "qwen2_vl": Base("lmms_eval.models.simple.qwen2_vl.Qwen2_VL", None, "processor"),
     "qwen2_5_vl": Base(
         "lmms_eval.models.simple.qwen2_5_vl.Qwen2_5_VL", "lmms_eval.models.chat.qwen2_5_vl.Qwen2_5_VL", "processor"
