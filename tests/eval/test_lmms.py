@@ -3,6 +3,7 @@ bad model_args refused before any sample; loglikelihood through the plugin."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -17,6 +18,7 @@ from tests.eval.lmms_setup import (
 )
 from tests.helpers import GRID
 from vtprune import VTPruneError
+from vtprune.core import method_class
 from vtprune.eval.toy_vqa import QTYPES, normalize_answer
 
 KEEP, LIMIT = 4, 32
@@ -107,12 +109,13 @@ def lmms_eval_session():
     return simple_evaluate, TaskManager(include_path=str(TASK_DIR), include_defaults=False)
 
 
+VTC_CLS_OPTIONS = ", ".join(sorted({"preset", *(f.name for f in dataclasses.fields(method_class("vtc-cls")))}))
 BAD_ARGS = [
     ("method=nope,keep=4", "unknown method 'nope'; available: dense, "),
     (f"method=vtc-cls,keep={GRID * GRID + 1},start_layer=0", f"keep=17 is more than the {GRID * GRID} visual tokens"),
     ("method=vtc-cls,keep=0,start_layer=0", "keep=0: keep at least one visual token"),
     ("method=fastv,keep=1.5", "keep=1.5: a ratio must lie in"),
-    ("method=vtc-cls,keep=4,start_layr=0", "neither method 'vtc-cls' (options: encoder_block, keep, preset, start_layer)"),
+    ("method=vtc-cls,keep=4,start_layr=0", f"neither method 'vtc-cls' (options: {VTC_CLS_OPTIONS})"),
     ("method=dense,keep=4", "method=dense prunes nothing"),
     ("base=llava_onevision,method=fastv,keep=4", "unsupported base model 'llava_onevision'; supported: llava_hf"),
 ]

@@ -8,7 +8,8 @@ from torch.nn.modules import module as torch_module
 
 import vtprune
 from tests.helpers import GRID, hooks_of
-from vtprune.eval.measure import PeakMemory, RequestMeter, cache_bytes, cpu_peak_supported
+from vtprune.eval.measure import RequestMeter, cache_bytes
+from vtprune.eval.memory import cpu_peak_supported, peak_memory_bytes
 
 
 def test_meter_times_the_prefill_of_a_generate(tiny_llava, batch):
@@ -27,13 +28,13 @@ def test_meter_catches_a_failed_forward_and_removes_its_hooks(tiny_llava, batch)
     assert hooks_of(tiny_llava) == 0 and not torch_module._global_forward_pre_hooks
 
 
-@pytest.mark.skipif(not cpu_peak_supported(), reason="needs /proc/self/clear_refs (Linux)")
+@pytest.mark.skipif(not cpu_peak_supported(), reason="needs /proc/self/clear_refs and glibc (Linux)")
 def test_cpu_peak_memory_sees_a_freed_allocation():
-    memory = PeakMemory("cpu")
-    memory.start()
-    block = torch.ones(16 * 2**20)  # 64 MiB, written, then freed
-    del block
-    assert 56 * 2**20 <= memory.stop() < 96 * 2**20  # a few pages may have been resident already
+    def allocate() -> None:
+        block = torch.ones(16 * 2**20)  # 64 MiB, written, then freed
+        del block
+
+    assert 56 * 2**20 <= peak_memory_bytes(allocate, "cpu") < 96 * 2**20  # a few pages may have been resident
 
 
 def test_cache_bytes_count_every_layer_at_its_own_length(tiny_llava, batch):

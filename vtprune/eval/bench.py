@@ -9,7 +9,7 @@ For every model shape, method and budget (rows), each a ratio to the dense model
   free cut at the LLM input would cost; overhead = prefill / bound;
 - TTFT: `generate(max_new_tokens=1)`; end-to-end: `generate` of `--new-tokens` tokens (always that many);
 - peak memory during that `generate`, above the memory in use before it (CUDA: `torch.cuda.max_memory_allocated`;
-  CPU: peak resident set size, see `measure.PeakMemory`; measured after all timings, one run each);
+  CPU: peak resident set size, see `vtprune.eval.memory`; measured after all timings, one run each);
 - KV cache bytes after the prefill (layers cut at different depths hold different lengths);
 - analytic LLM prefill FLOPs (`vtprune.eval.flops`: 4·n·d² + 2·n²·d + 3·n·d·m per decoder layer, each layer's n).
 Methods with a `keep` run at every `--budgets` value; presets (`transprune:preset=high`) are budgets of their own.
@@ -37,7 +37,8 @@ from vtprune.core import method_class
 
 from ..cli import parse_keep, parse_options
 from .flops import llm_flops, visual_tokens_per_layer
-from .measure import PeakMemory, cache_bytes
+from .measure import cache_bytes
+from .memory import peak_memory_bytes
 from .speed import median_seconds
 
 LLAVA_15_7B = "llava-1.5-7b"
@@ -204,10 +205,7 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
         for length in lengths:
             bound_times[length].append(time_once(lambda: free_cut(length)))
     for config in configs:  # after all timings: a peak-memory run each
-        meter = PeakMemory(model.device)
-        meter.start()
-        config.generate(args.new_tokens)
-        config.memory = meter.stop()
+        config.memory = peak_memory_bytes(lambda: config.generate(args.new_tokens), model.device)
         bar.update(1)
 
     dense_row = rows[0]

@@ -13,7 +13,7 @@ sample, so bad arguments (unknown method or base, keep out of range, unsupported
 Requests run one at a time (batch size 1), each inside `with method(model) as trace:`. Each logged sample's
 `token_counts` gains visual_tokens_before / visual_tokens_after (first cut to last, from the trace), prefill_seconds
 (first module call to the end of the first forward: vision encoder and LLM prefill), seconds (the whole request),
-peak_memory_bytes (see `measure.PeakMemory`); `results["throughput"]` gains their means as `avg_vtprune_*` (and
+peak_memory_bytes (see `vtprune.eval.memory`); `results["throughput"]` gains their means as `avg_vtprune_*` (and
 the number of processes).
 """
 

@@ -1,81 +1,15 @@
-"""What one request costs: prefill time and peak memory read from hooks, and KV-cache bytes (FLOPs: `flops.py`).
-
-Peak memory is the increase over the memory in use when the model starts running:
-- CUDA: the allocator's peak, `torch.cuda.max_memory_allocated`.
-- CPU (Linux): the process's peak resident set size (`VmHWM`), reset through `/proc/self/clear_refs` at the start,
-  after `malloc_trim(0)` has handed the memory glibc keeps from earlier frees back to the system (else the call would
-  reuse it unseen and read low).
-"""
+"""What one request costs: prefill time and peak memory (see `memory.py`) read from hooks, and KV-cache bytes."""
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import time
 from typing import Any
 
-import torch
 from torch import nn
 
+from .memory import PeakMemory
 from .speed import synchronize
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_libc = _glibc()
-
-
-def cpu_peak_supported() -> bool:
-    """Linux with glibc: the peak resident set size can be reset and read."""
-    try:
-        _status_bytes("VmHWM:")
-        with open("/proc/self/clear_refs", "w"):
-            return _libc is not None
-    except OSError:
-        return False
-
-
-class PeakMemory:
-    """`start()` then `stop()` -> bytes in use at the peak beyond those in use at `start()`; None if not measurable."""
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.cuda = torch.device(device).type == "cuda"
-        self.supported = self.cuda or cpu_peak_supported()
-        self.base: int | None = None
-
-    def start(self) -> None:
-        if not self.supported:
-            return
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            _libc.malloc_trim(0)
-            with open("/proc/self/clear_refs", "w") as refs:
-                refs.write("5")  # reset the peak resident set size to the current one
-            self.base = _status_bytes("VmRSS:")
-
-    def stop(self) -> int | None:
-        if self.base is None:
-            return None
-        if self.cuda:
-            torch.cuda.synchronize()
-            return max(0, torch.cuda.max_memory_allocated() - self.base)
-        return max(0, _status_bytes("VmHWM:") - self.base)
 
 
 class RequestMeter:

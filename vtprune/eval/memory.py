@@ -1,48 +1,80 @@
 """Peak memory of one call, measured as the increase over the memory in use when the call starts.
 
-CUDA: the allocator's peak (`torch.cuda.max_memory_allocated`). CPU: the process's resident set size, sampled every
-millisecond by a helper thread while the call runs (torch's CPU allocator has no peak counter). Report ratios against
-a baseline measured the same way; on CPU, measure each configuration in a fresh process, as freed memory may stay
-resident.
+CUDA: the allocator's peak (`torch.cuda.max_memory_allocated`). CPU (Linux, glibc): the process's peak resident set
+size (`VmHWM`, kept by the kernel; torch's CPU allocator has no peak counter), reset through `/proc/self/clear_refs`
+at the start, right after `malloc_trim(0)` has handed back the memory glibc keeps from earlier frees (else the call
+would reuse it unseen and read low). Report ratios against a baseline measured the same way.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-import time
+import ctypes
 from typing import Any, Callable
 
 import torch
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str | None = None) -> int:
-    """Peak memory `fn()` adds on top of what is in use before it runs."""
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    start = resident_bytes()
-    peak, done = [start], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], resident_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+def _glibc() -> ctypes.CDLL | None:
     try:
-        fn()
-    finally:
-        done.set()
-        sampler.join()
-    return max(peak[0], resident_bytes()) - start
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_libc = _glibc()
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def cpu_peak_supported() -> bool:
+    """Linux with glibc: the peak resident set size can be reset and read."""
+    try:
+        _status_bytes("VmHWM:")
+        with open("/proc/self/clear_refs", "w"):
+            return _libc is not None
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """`start()` then `stop()` -> bytes in use at the peak beyond those in use at `start()`; None if not measurable."""
+
+    def __init__(self, device: torch.device | str | None) -> None:
+        self.cuda = device is not None and torch.device(device).type == "cuda"
+        self.supported = self.cuda or cpu_peak_supported()
+        self.base: int | None = None
+
+    def start(self) -> None:
+        if not self.supported:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _libc.malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")  # reset the peak resident set size to the current one
+            self.base = _status_bytes("VmRSS:")
+
+    def stop(self) -> int | None:
+        if self.base is None:
+            return None
+        if self.cuda:
+            torch.cuda.synchronize()
+            return max(0, torch.cuda.max_memory_allocated() - self.base)
+        return max(0, _status_bytes("VmHWM:") - self.base)
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str | None = None) -> int | None:
+    """Peak memory `fn()` adds on top of what is in use before it runs (None where it cannot be measured)."""
+    meter = PeakMemory(device)
+    meter.start()
+    fn()
+    return meter.stop()
