@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.vtprune-installed
 
-.PHONY: setup run test test-all bench clean
+.PHONY: setup run demo chromium test test-all bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,17 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/vtprune example --out out/example
 
-test: $(STAMP)
+demo: $(STAMP)
+	$(BIN)/vtprune demo
+
+# The demo's browser test drives Debian's chromium; installed only when missing (CI runs as root on Debian).
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -m ''
 
 clean:

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     import vtprune
 
     from .convert import add_convert
+    from .demo import add_demo
     from .eval.bench import add_bench
     from .eval.grid import add_eval
     from .example import add_example
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     add_convert(subparsers)
     add_bench(subparsers)
     add_eval(subparsers)
+    add_demo(subparsers)
     subparsers.add_parser("methods", help="list the available methods").set_defaults(
         func=lambda args: print("\n".join(vtprune.available())) or 0
     )

@@ -78,3 +78,23 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str | None =
     meter.start()
     fn()
     return meter.stop()
+
+
+def peak_tensor_bytes(fn: Callable[[], Any], device: torch.device | str | None = None) -> int:
+    """Peak bytes of the tensors `fn()` allocates on top of those alive before it runs.
+
+    CUDA: the allocator's peak, as `peak_memory_bytes`. CPU: replayed from the torch profiler's memory events (each
+    operator's allocations net of its frees, in time order), so it does not depend on what the process already holds
+    or on other threads: a server can measure one request while serving others.
+    """
+    if device is not None and torch.device(device).type == "cuda":
+        return peak_memory_bytes(fn, device)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda event: event.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak

@@ -1,0 +1,52 @@
+"""`vtprune demo`: a Gradio page that shows which visual tokens each method keeps, the dense and pruned answers, and
+what pruning saves (prefill time, peak memory, visual tokens) measured against the dense model in the same request.
+
+    vtprune demo                        # the embedded model, http://127.0.0.1:7860
+    vtprune demo --model llava-hf/llava-1.5-7b-hf --device cuda
+
+Gradio is imported only when the page is built (`pip install 'vtprune[demo]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..loading import EMBEDDED
+from .examples import EXAMPLES_DIR
+
+
+def launch(
+    page: Any, examples_dir: str | Path, host: str = "127.0.0.1", port: int | None = None, **kwargs: Any
+) -> Any:
+    """Serve `page` (blocking unless prevent_thread_lock=True), with its examples folder, no fonts from the web."""
+    from .ui import CSS, THEME
+
+    return page.launch(
+        server_name=host, server_port=port, ssr_mode=False, allowed_paths=[str(examples_dir)], theme=THEME, css=CSS, **kwargs
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    from .ui import build_demo
+
+    page = build_demo(
+        model=args.model, device=args.device, examples_dir=args.examples_dir, max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats, frames=args.frames,
+    )
+    launch(page, args.examples_dir, host=args.host, port=args.port)
+    return 0
+
+
+def add_demo(subparsers: Any) -> None:
+    p = subparsers.add_parser("demo", help="a web page: what each method keeps, the answers, and what it costs")
+    p.add_argument("--model", default=EMBEDDED, help="preselected model: 'toy' (embedded), a local path or a hub id")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--examples-dir", default=str(EXAMPLES_DIR), help="where the bundled examples are generated")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3, help="paired prefill timings per method")
+    p.add_argument("--frames", type=int, default=4, help="frames sampled from a video")
+    p.set_defaults(func=serve)
