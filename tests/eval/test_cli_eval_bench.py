@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.eval.lmms_setup import needs_toy_world, save_tiny_model
+from tests.eval.lmms_setup import save_tiny_model
 from tests.helpers import GRID
 from vtprune.cli import main
 from vtprune.eval.flops import layer_flops
@@ -57,7 +57,6 @@ def test_bench_writes_tables_and_plot_with_ratios_to_dense(tiny, tmp_path, capsy
         assert row["overhead"] == pytest.approx(row["prefill"] / row["bound"])
 
 
-@needs_toy_world
 def test_eval_runs_a_grid_through_lmms_eval_and_writes_one_table(tiny, tmp_path, capsys):
     code = main([
         "eval", "--pretrained", str(tiny), "--methods", "vtc-cls:start_layer=0", "random", "--budgets", "4",

@@ -14,12 +14,19 @@ import torch
 from lmms_eval.api.model import lmms
 
 from tests.eval.lmms_setup import (
-    DATA_FILE, TASK_DIR, lmms_eval_command, needs_toy_world, plugin_env, results_of, run, save_tiny_model,
+    DATA_FILE,
+    TASK_DIR,
+    lmms_eval_command,
+    plugin_env,
+    results_of,
+    run,
+    save_tiny_model,
 )
 from tests.helpers import GRID
 from vtprune import VTPruneError
 from vtprune.core import method_class
-from vtprune.eval.toy_vqa import QTYPES, normalize_answer
+from vtprune.eval.toy_vqa import QTYPES
+from vtprune.toy import is_correct
 
 KEEP, LIMIT = 4, 32
 METHOD = f"method=vtc-cls,keep={KEEP},start_layer=0"  # the tiny tower has 3 layers: start the [CLS] ensemble at 0
@@ -48,14 +55,13 @@ def response(sample: dict) -> str:
     return resps[0] if isinstance(resps, list) else resps
 
 
-@needs_toy_world
 def test_plugin_scores_the_task_and_logs_token_counts_per_sample(one_process):
     results, samples = one_process
     metrics = results["results"]["vtprune_toy_vqa"]
     rows = [json.loads(line) for line in DATA_FILE.read_text().splitlines()]
     assert sorted(s["doc_id"] for s in samples) == list(range(LIMIT))
     for s in samples:
-        assert s["exact_match"] == float(normalize_answer(response(s)) == normalize_answer(s["target"]))
+        assert s["exact_match"] == float(is_correct(response(s), s["target"]))
         assert s[f"exact_match_{rows[s['doc_id']]['qtype']}"] == s["exact_match"]
         counts = s["token_counts"][0]
         assert (counts["visual_tokens_before"], counts["visual_tokens_after"]) == (GRID * GRID, KEEP)
@@ -77,7 +83,6 @@ def test_plugin_scores_the_task_and_logs_token_counts_per_sample(one_process):
     assert METHOD in results["config"]["model_args"]
 
 
-@needs_toy_world
 def test_two_processes_give_the_same_answers_and_accuracy(one_process, tiny, env, tmp_path):
     launch = [
         str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",

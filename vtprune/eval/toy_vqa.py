@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from ..core import VTPruneError
+from ..toy import is_correct, make_dataset
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"  # pass as lmms-eval's --include_path
 DATA_FILE = TASK_DIR / "vtprune_toy_vqa" / "vtprune_toy_vqa.jsonl"
@@ -29,20 +29,12 @@ QTYPES = ("color", "shape", "position", "count")
 _items: dict[tuple[str, int], list[Any]] = {}  # (split, seed) -> the first items of make_dataset(split, n, seed)
 
 
-def toy_dataset(split: str, n: int, seed: int) -> list[Any]:
-    try:
-        from ..toy import make_dataset
-    except ImportError as error:
-        raise VTPruneError("vtprune_toy_vqa needs the toy world, vtprune.toy.make_dataset, which is missing") from error
-    return make_dataset(split, n, seed)
-
-
 def rows(split: str = SPLIT, n: int = SIZE, seed: int = SEED) -> list[dict[str, Any]]:
     """The task's documents: everything but the image, which `doc_to_visual` draws again."""
     return [
         {"split": split, "seed": seed, "index": index, "question": item.question, "answer": item.answer,
          "qtype": item.qtype, "target_size": item.target_size}
-        for index, item in enumerate(toy_dataset(split, n, seed))
+        for index, item in enumerate(make_dataset(split, n, seed))
     ]
 
 
@@ -55,7 +47,7 @@ def item(split: str, seed: int, index: int) -> Any:
     """Item `index` of make_dataset(split, ·, seed); items are drawn in growing prefixes and kept."""
     items = _items.get((split, seed), [])
     if index >= len(items):
-        items = toy_dataset(split, max(index + 1, 2 * len(items), 32), seed)
+        items = make_dataset(split, max(index + 1, 2 * len(items), 32), seed)
         _items[(split, seed)] = items
     return items[index]
 
@@ -79,20 +71,9 @@ def doc_to_target(doc: dict) -> str:
     return doc["answer"]
 
 
-_NUMBERS = {word: str(i) for i, word in enumerate("zero one two three four five six seven eight nine ten".split())}
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, punctuation dropped, no leading article, number words as digits."""
-    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
-    if words and words[0] in ("a", "an", "the"):
-        words = words[1:]
-    return " ".join(_NUMBERS.get(word, word) for word in words)
-
-
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     """exact_match, and exact_match_<qtype> for the document's question type."""
-    score = float(normalize_answer(results[0]) == normalize_answer(doc["answer"]))
+    score = float(is_correct(results[0], doc["answer"]))
     return {"exact_match": score, f"exact_match_{doc['qtype']}": score}
 
 
