@@ -19,18 +19,15 @@ import vtprune
 
 from .eval.speed import prefill_seconds
 from .loading import load, prepare
+from .toy import is_correct
 from .viz import heatmap
 
 
 def bundled_example() -> tuple[Path, str, str]:
     from . import toy
 
-    meta = json.loads((toy.EXAMPLES_DIR / "example.json").read_text())
+    meta = json.loads((toy.EXAMPLES_DIR / "small_object.json").read_text())
     return toy.EXAMPLES_DIR / meta["image"], meta["question"], meta["answer"]
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.lower().strip().rstrip(".").split())
 
 
 def generate_answer(model: Any, processor: Any, inputs: dict, max_new_tokens: int) -> str:
@@ -80,7 +77,7 @@ def run_example(args: argparse.Namespace) -> int:
     print("| method | visual tokens | answer | correct | prefill / dense |")
     print("| --- | --- | --- | --- | --- |")
     for name, tokens, answer, ratio in rows:
-        correct = "yes" if normalise(answer) == normalise(expected) else "no"
+        correct = "yes" if is_correct(answer, expected) else "no"
         print(f"| {name} | {tokens} | {answer} | {correct} | {ratio:.2f} |")
     for line in skipped:
         print(f"skipped {line}")

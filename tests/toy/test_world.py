@@ -1,0 +1,75 @@
+"""The synthetic world: deterministic, disjoint splits, answerable questions."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from vtprune.toy import make_dataset, world
+
+
+def image_digest(item) -> str:
+    return hashlib.sha256(item.image.tobytes()).hexdigest()
+
+
+def test_same_seed_gives_identical_items():
+    first = make_dataset("test", 12, seed=3)
+    second = make_dataset("test", 12, seed=3)
+    assert [image_digest(i) for i in first] == [image_digest(i) for i in second]
+    assert [(i.question, i.answer, i.qtype, i.caption) for i in first] == [
+        (i.question, i.answer, i.qtype, i.caption) for i in second
+    ]
+
+
+def test_other_seed_and_other_split_differ():
+    test = make_dataset("test", 12, seed=0)
+    assert {image_digest(i) for i in test}.isdisjoint(image_digest(i) for i in make_dataset("test", 12, seed=1))
+    assert {image_digest(i) for i in test}.isdisjoint(image_digest(i) for i in make_dataset("train", 50, seed=0))
+
+
+def test_items_have_the_documented_fields():
+    items = make_dataset("val", 8, seed=0)
+    assert len(items) == 8
+    for item in items:
+        assert item.image.size == (336, 336) and item.image.mode == "RGB"
+        assert item["question"] == item.question and item.question.endswith("?")
+        assert item.answer and " " not in item.answer
+        assert item.qtype in world.QTYPES
+        assert item.caption
+    assert {i.qtype for i in items} == set(world.QTYPES)
+
+
+def test_unknown_split_is_rejected():
+    with pytest.raises(ValueError):
+        make_dataset("dev", 1)
+
+
+def test_every_scene_has_a_small_object_and_no_overlaps():
+    for scene in world.make_scenes("train", 40, seed=0):
+        assert any(o.size == "small" for o in scene.objects)
+        assert len({o.color for o in scene.objects}) == len(scene.objects)
+        for a in scene.objects:
+            for b in scene.objects:
+                if a is not b:
+                    assert (
+                        a.x + a.width <= b.x or b.x + b.width <= a.x or a.y + a.width <= b.y or b.y + b.width <= a.y
+                    )
+
+
+def test_answers_match_the_scene():
+    rng = np.random.default_rng(0)
+    for scene in world.make_scenes("val", 20, seed=0):
+        for qa in world.all_questions(scene, rng):
+            if qa.question.startswith("what shape is the "):
+                color = qa.question.split()[4]
+                assert [o.shape for o in scene.objects if o.color == color] == [qa.answer]
+            elif qa.question == "how many objects are there?":
+                assert qa.answer == str(len(scene.objects))
+
+
+def test_small_objects_are_drawn_where_the_scene_says():
+    scene = world.make_scenes("test", 1, seed=5)[0]
+    pixels = np.asarray(world.render(scene)).astype(int)
+    for obj in scene.objects:
+        cx, cy = (int(c) for c in obj.center)
+        assert np.abs(pixels[cy, cx] - np.array(obj.rgb)).max() < 30  # object colour, up to pixel noise
