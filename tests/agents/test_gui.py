@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vtprune
-from tests.adapters.qwen_builders import IMAGE, build_qwen_processor, build_tiny_qwen
+from tests.adapters.qwen_builders import build_qwen_processor, build_tiny_qwen
 from vtprune.agents import parse_action, run_episode, step_messages, synthetic_episode
 
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from vtprune import kernels
-from vtprune.kernels import torch_ops
 
 
 def loop_gather(x: torch.Tensor, keep: list[torch.Tensor], dim: int) -> torch.Tensor:
