@@ -25,16 +25,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def url(saved_model, tmp_path_factory):
+def serve(model: str, examples: Path):
     from vtprune.demo import launch
     from vtprune.demo.ui import build_demo
 
-    examples = tmp_path_factory.mktemp("browser-examples")
-    page = build_demo(model=str(saved_model), examples_dir=examples, max_new_tokens=4, repeats=1)
+    page = build_demo(model=model, examples_dir=examples, max_new_tokens=4, repeats=1)
     port = free_port()
     launch(page, examples, port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
+    return page, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def url(saved_model, tmp_path_factory):
+    """The demo with a tiny random LLaVA preselected."""
+    page, address = serve(str(saved_model), tmp_path_factory.mktemp("browser-examples"))
+    yield address
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def toy_url(tmp_path_factory):
+    """The demo as `vtprune demo` starts it: the embedded default model preselected."""
+    page, address = serve("toy", tmp_path_factory.mktemp("browser-examples"))
+    yield address
     page.close()
 
 
@@ -52,8 +65,8 @@ def browser(tmp_path_factory):
         context.close()
 
 
-@pytest.fixture
-def page(browser, url):
+def open_page(browser, url: str):
+    """A tab on the demo, loaded; yields it, then checks that it loaded nothing from outside the demo server."""
     tab = browser.new_page()
     outside = []
     tab.on("request", lambda request: None if request.url.startswith(url) else outside.append(request.url))
@@ -61,7 +74,17 @@ def page(browser, url):
     tab.locator("#run").wait_for()
     yield tab
     tab.close()
-    assert outside == []  # the page loads nothing from outside the demo server
+    assert outside == []
+
+
+@pytest.fixture
+def page(browser, url):
+    yield from open_page(browser, url)
+
+
+@pytest.fixture
+def toy_page(browser, toy_url):
+    yield from open_page(browser, toy_url)
 
 
 def shows(page, elem_id: str, text: str) -> None:
@@ -93,6 +116,19 @@ def set_model(page, value: str) -> None:
 def screenshot(page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def test_the_embedded_model_answers_a_toy_scene_and_shows_what_it_kept(toy_page, examples):
+    page = toy_page
+    example = next(e for label, e in examples.items() if label.startswith("Toy scene") and "small object" in label)
+    use_example(page, example.label, Path(example.files[0]).stem)
+    page.locator("#run").click()
+    status_says(page, "Done: vtc-cls")
+    assert page.locator("#dense-answer textarea").input_value().strip() == example.answer
+    assert page.locator("#pruned-answer textarea").input_value().strip()
+    assert "576" in page.locator("#metrics").inner_text()
+    assert "of 576 patches kept" in page.locator("#heatmaps").inner_text()
+    screenshot(page, "toy.png")
 
 
 def test_a_bundled_example_shows_both_answers_the_costs_and_the_heatmaps(page):

@@ -5,9 +5,10 @@ a small caption encoder of our own. Each batch is made of groups of near-duplica
 differ in one object (usually a small one), so the tower has to see every object, and its [CLS]
 token learns to attend to the objects.
 
-Stage 2 freezes the tower, computes its penultimate-layer patch features once per training image
-([CLS] dropped, 576 per image), and trains LLaVA's projector and the Llama language model on
-multi-turn question answering with the loss on the answer tokens only.
+Stage 2 trains the whole model on visual question answering, LLaVA's projector and the Llama language model at the
+full learning rate and the tower at a fifth of it (as LLaVA-OneVision does), with the contrastive loss kept as an
+auxiliary term so that [CLS] stays tied to the image. Each image comes with 16 questions packed as independent single
+turns (see `QABuilder`); the loss is on the answer tokens only.
 
     python -m vtprune.toy.train            # about an hour on 2 CPU cores; writes vtprune/toy/model/
 """
@@ -56,16 +57,22 @@ class Recipe:
     tower_group_size: int = 4  # a scene and its near-duplicates
     tower_negatives: int = 8  # hard-negative captions per image
     tower_lr: float = 5e-4
+    # Contrastive captions alone do not teach a 4-layer tower shapes in 150 steps: an auxiliary per-patch loss (the
+    # object under each patch) does, and gives the language model features it can match question words against.
+    tower_patch_weight: float = 1.0
     caption_dim: int = 128
     # Stage 2: the whole model on question answering, the tower at a fraction of the learning rate
     # (as LLaVA-OneVision trains its tower), with the contrastive loss kept as an auxiliary term.
     qa_scenes: int = 12000
     qa_easy_scenes: int = 1000  # scenes of 1-2 objects, the only ones seen in the first qa_easy_steps
     qa_easy_steps: int = 100
-    qa_steps: int = 1800
+    qa_steps: int = 1500
     qa_batch: int = 8  # images (conversations) per step
-    qa_turns: int = 16  # questions per image in one multi-turn conversation
+    qa_turns: int = 16  # questions per image, packed as independent single turns after one image prefix
     qa_lr: float = 1e-3
+    # Initial weight scale of the language model and projector (transformers' default is 0.02). At 0.02 a 256-wide
+    # model learns for hundreds of steps to attend to the few patches an answer is in; at 0.08 it does so early.
+    init_std: float = 0.08
     qa_tower_lr_scale: float = 0.2
     qa_contrastive_weight: float = 0.1
     eval_every: int = 300
@@ -230,9 +237,52 @@ def evaluate_tower(
     return metrics
 
 
-def train_tower(recipe: Recipe, processor: LlavaProcessor, tower: CLIPVisionModel, head: ContrastiveHead) -> None:
+PATCH_ATTRIBUTES = {"color": tuple(world.COLORS), "shape": world.SHAPES, "size": world.SIZES}
+
+
+class PatchHead(nn.Module):
+    """Per patch of the penultimate layer (the features LLaVA reads): colour, shape and size of the object under it.
+
+    Targets are 0 for the background and 1 + the attribute's index where an object covers >= 15 % of the patch; the
+    few object patches weigh as much as the many background ones.
+    """
+
+    def __init__(self, vision_hidden: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({k: nn.Linear(vision_hidden, 1 + len(v)) for k, v in PATCH_ATTRIBUTES.items()})
+
+    def loss(self, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy averaged over object patches and over background patches separately, then summed."""
+        # features: [images, 576, hidden]; targets: [images, 576] each
+        on_object = targets["color"].flatten() > 0
+        total = features.new_zeros((), dtype=torch.float32)
+        for attribute, head in self.heads.items():
+            losses = F.cross_entropy(head(features).flatten(0, 1).float(), targets[attribute].flatten(), reduction="none")
+            total = total + losses[on_object].mean() + losses[~on_object].mean()
+        return total / len(self.heads)
+
+
+def patch_targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
+    """PatchHead's targets for a batch of scenes: {attribute: [images, 576]}."""
+    grid = world.IMAGE_SIZE // 14
+    targets = {k: torch.zeros(len(scenes), grid * grid, dtype=torch.long) for k in PATCH_ATTRIBUTES}
+    for row, scene in enumerate(scenes):
+        patches = world.object_map(scene).reshape(grid, 14, grid, 14).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+        counts = np.stack([(patches == 1 + i).sum(1) for i in range(len(scene.objects))], axis=1)  # [576, objects]
+        covered = counts.max(1) >= 0.15 * 14 * 14
+        for patch in np.nonzero(covered)[0]:
+            obj = scene.objects[int(counts[patch].argmax())]
+            for attribute, values in PATCH_ATTRIBUTES.items():
+                targets[attribute][row, patch] = 1 + values.index(getattr(obj, attribute))
+    return targets
+
+
+def train_tower(
+    recipe: Recipe, processor: LlavaProcessor, tower: CLIPVisionModel, head: ContrastiveHead, patch_head: PatchHead
+) -> None:
     torch.manual_seed(recipe.seed)
-    params = list(tower.parameters()) + [p for n, p in head.named_parameters() if n != "logit_scale"]
+    params = (list(tower.parameters()) + list(patch_head.parameters())
+              + [p for n, p in head.named_parameters() if n != "logit_scale"])
     optimizer = torch.optim.AdamW(
         [{"params": params, "weight_decay": 0.05}, {"params": [head.logit_scale], "weight_decay": 0.0}],
         lr=recipe.tower_lr, betas=(0.9, 0.98),
@@ -247,54 +297,73 @@ def train_tower(recipe: Recipe, processor: LlavaProcessor, tower: CLIPVisionMode
         captions = scene_captions(processor, scenes, world.scene_rng("train", recipe.seed, step, stream=4),
                                   recipe.tower_negatives)
         with autocast(recipe):
-            loss = head.loss(tower(pixels).pooler_output, captions)
+            out = tower(pixels, output_hidden_states=True)
+            contrastive = head.loss(out.pooler_output, captions)
+            dense = patch_head.loss(out.hidden_states[-2][:, 1:], patch_targets(scenes))
+        loss = contrastive + recipe.tower_patch_weight * dense
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        progress.set_postfix(contrastive=f"{contrastive.item():.3f}", patches=f"{dense.item():.3f}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage 2: the whole model on question answering (the tower at a lower learning rate)
 
 
-class ConversationBuilder:
-    """Token ids and labels of multi-turn LLaVA-1.5 conversations; loss on the answers (and </s>) only."""
+class QABuilder:
+    """Many single-turn LLaVA-1.5 questions about one image, packed into one sequence.
+
+    The image prefix ("USER: <image>x576") comes once; each question-answer turn after it attends to the prefix and to
+    itself only, with the positions it would have as the only turn, so every turn is exactly the single-turn prompt
+    `prompt(question)` + " answer</s>" that the model answers at inference. (A plain multi-turn conversation would let
+    later questions read earlier ones, which name the objects: "what shape is the red object?" after "is the red
+    circle on the left?".) Loss on the answers (and </s>) only.
+    """
 
     def __init__(self, processor: LlavaProcessor):
         self.tokenizer = processor.tokenizer
         self.cache: dict[str, list[int]] = {}
+        question_part = prompt("{question}")
+        prefix, suffix = question_part.split("{question}")
+        self.prefix = self.ids(prefix.replace(IMAGE, IMAGE * NUM_IMAGE_TOKENS))
+        self.question_suffix = suffix
 
     def ids(self, text: str) -> list[int]:
         if text not in self.cache:
             self.cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.cache[text]
 
-    def build(self, qas: list[world.QA]) -> tuple[list[int], list[int]]:
-        input_ids: list[int] = []
-        labels: list[int] = []
+    def build(self, qas: list[world.QA]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(token ids, labels, position ids, segment: 0 for the prefix, t + 1 for turn t)."""
+        input_ids, labels = list(self.prefix), [-100] * len(self.prefix)
+        positions, segments = list(range(len(self.prefix))), [0] * len(self.prefix)
         for turn, qa in enumerate(qas):
-            question = prompt(qa.question) if turn == 0 else f"USER: {qa.question} ASSISTANT:"
-            question_ids = self.ids(question.replace(IMAGE, IMAGE * NUM_IMAGE_TOKENS))
+            question_ids = self.ids(qa.question + self.question_suffix)
             answer_ids = self.ids(f" {qa.answer}{self.tokenizer.eos_token}")
             input_ids += question_ids + answer_ids
             labels += [-100] * len(question_ids) + answer_ids
-        return input_ids, labels
+            positions += range(len(self.prefix), len(self.prefix) + len(question_ids) + len(answer_ids))
+            segments += [turn + 1] * (len(question_ids) + len(answer_ids))
+        return input_ids, labels, positions, segments
 
 
-def qa_batch(
-    builder: ConversationBuilder, conversations: list[list[world.QA]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and labels. Padding sits after every real token, so causal attention needs no mask."""
-    pairs = [builder.build(c) for c in conversations]
-    length = max(len(ids) for ids, _ in pairs)
-    input_ids = torch.full((len(pairs), length), pad_id)
-    labels = torch.full((len(pairs), length), -100)
-    for row, (ids, lab) in enumerate(pairs):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(lab)] = torch.tensor(lab)
-    return input_ids, labels
+def qa_batch(builder: QABuilder, conversations: list[list[world.QA]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, labels and positions, and the boolean attention mask [batch, 1, length, length]."""
+    rows = [builder.build(c) for c in conversations]
+    length = max(len(ids) for ids, *_ in rows)
+    input_ids = torch.full((len(rows), length), pad_id)
+    labels = torch.full((len(rows), length), -100)
+    positions = torch.zeros((len(rows), length), dtype=torch.long)
+    segments = torch.full((len(rows), length), -1)  # padding: a segment of its own
+    for row, (ids, lab, pos, seg) in enumerate(rows):
+        for tensor, values in ((input_ids, ids), (labels, lab), (positions, pos), (segments, seg)):
+            tensor[row, : len(values)] = torch.tensor(values)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same_turn = segments[:, :, None] == segments[:, None, :]  # [batch, query, key]
+    mask = causal & (same_turn | (segments[:, None, :] == 0))
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "attention_mask": mask[:, None]}
 
 
 def evaluate_qa(model, processor, items: list[world.VQAItem], batch: int = 32) -> dict[str, float]:
@@ -343,7 +412,7 @@ def train_qa(
         ],
         lr=recipe.qa_lr, betas=(0.9, 0.98),
     )
-    builder = ConversationBuilder(processor)
+    builder = QABuilder(processor)
     image_token_id = model.config.image_token_id
     pad_id = processor.tokenizer.pad_token_id
     feature_layer = model.config.vision_feature_layer
@@ -364,7 +433,8 @@ def train_qa(
         for i in picked:
             turns = rng.permutation(len(questions[i]))[: recipe.qa_turns]
             conversations.append([questions[i][t] for t in turns])
-        input_ids, labels = qa_batch(builder, conversations, pad_id)
+        batch = qa_batch(builder, conversations, pad_id)
+        input_ids = batch.pop("input_ids")
         batch_scenes = [scenes[i] for i in picked]
         pixels = pixel_values(processor, [world.render(s) for s in batch_scenes])
         captions = scene_captions(processor, batch_scenes, rng, recipe.tower_negatives)
@@ -375,7 +445,7 @@ def train_qa(
             embeds = model.get_input_embeddings()(input_ids)
             image_mask = (input_ids == image_token_id)[..., None]
             embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
-            qa_loss = model(inputs_embeds=embeds, labels=labels).loss
+            qa_loss = model(inputs_embeds=embeds, **batch).loss
             # Keeps [CLS] (unused by the language model) tied to the image content, as stage 1 trained it.
             contrastive = head.loss(tower_out.pooler_output, captions)
         loss = qa_loss + recipe.qa_contrastive_weight * contrastive
@@ -422,6 +492,17 @@ def directory_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
+@torch.no_grad()
+def reinitialize(modules: list[nn.Module], std: float) -> None:
+    """Normal(0, std) linear and embedding weights, zero biases (transformers' init with another scale)."""
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, (nn.Linear, nn.Embedding)):
+                layer.weight.normal_(0.0, std)
+            if isinstance(layer, nn.Linear) and layer.bias is not None:
+                layer.bias.zero_()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=MODEL_DIR, help="where to save the model and processor")
@@ -442,6 +523,7 @@ def main(argv: list[str] | None = None) -> None:
     processor = build_processor()
     model = LlavaForConditionalGeneration(build_config(processor.tokenizer, recipe.size))
     model.set_attn_implementation("sdpa")
+    reinitialize([model.model.language_model, model.lm_head, model.model.multi_modal_projector], recipe.init_std)
     tower = model.model.vision_tower
     head = ContrastiveHead(tower.config.hidden_size, len(processor.tokenizer), recipe.caption_dim)
     report: dict = {"recipe": asdict(recipe)}
@@ -452,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
         head.load_state_dict(stage1["head"])
         report["stage1_loaded_from"] = str(args.load_stage1)
     else:
-        train_tower(recipe, processor, tower, head)
+        train_tower(recipe, processor, tower, head, PatchHead(tower.config.hidden_size))
         if args.save_stage1:
             args.save_stage1.mkdir(parents=True, exist_ok=True)
             torch.save({"tower": tower.state_dict(), "head": head.state_dict()}, args.save_stage1 / "stage1.pt")

@@ -214,6 +214,15 @@ def render(scene: Scene) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def object_map(scene: Scene) -> np.ndarray:
+    """[336, 336] uint8: 1 + the index of the object drawn at each pixel, 0 for the background."""
+    image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(image)
+    for index, obj in enumerate(scene.objects):
+        _draw_object(draw, dataclasses.replace(obj, rgb=index + 1))
+    return np.asarray(image)
+
+
 # ---------------------------------------------------------------------------------------------
 # Captions and questions
 
