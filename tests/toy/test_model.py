@@ -8,11 +8,6 @@ from transformers import CLIPVisionModel, LlamaModel, LlavaForConditionalGenerat
 
 from vtprune import toy
 
-pytestmark = pytest.mark.skipif(
-    not (toy.MODEL_DIR / "config.json").is_file(), reason="no packaged toy model (python -m vtprune.toy.train)"
-)
-
-
 @pytest.fixture(scope="module")
 def model_and_processor():
     torch.set_num_threads(2)

@@ -466,10 +466,12 @@ def train_qa(
 # ---------------------------------------------------------------------------------------------
 
 
-def save_example(model, processor, out_dir: Path, seed: int) -> dict:
-    """Ship the first small-object colour/shape test question (beyond the benchmark's seed) that the model gets right."""
+def save_example(model, processor, out_dir: Path, seed: int, accuracy: dict[str, float]) -> dict:
+    """Ship the first small-object test question (beyond the benchmark's seed) that the model gets right, of the
+    single-object question type it answers best on validation (`accuracy`), so that the right answer is no luck."""
+    qtype = max(("color", "shape", "position"), key=lambda t: accuracy.get(t, 0.0))
     items = world.make_dataset("test", 64, seed=seed)
-    candidates = [i for i in items if i.target_size == "small" and i.qtype in ("shape", "color")]
+    candidates = [i for i in items if i.target_size == "small" and i.qtype == qtype]
     predictions = answer(model, processor, [i.image for i in candidates], [i.question for i in candidates])
     for item, prediction in zip(candidates, predictions):
         if is_correct(prediction, item.answer):
@@ -555,7 +557,9 @@ def main(argv: list[str] | None = None) -> None:
     ).eval()
     val_items = world.make_dataset("val", recipe.val_items, recipe.seed)
     report["val_accuracy_after_reload"] = evaluate_qa(model, processor, val_items)
-    report["example"] = save_example(model, processor, args.examples, seed=recipe.seed + 1)
+    report["example"] = save_example(
+        model, processor, args.examples, seed=recipe.seed + 1, accuracy=report["val_accuracy_after_reload"]
+    )
     report["train_minutes"] = round((time.time() - STARTED) / 60, 1)
     report["model_mb"] = round(directory_size_mb(args.out), 1)
     (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
