@@ -8,6 +8,7 @@ from transformers import CLIPVisionModel, LlamaModel, LlavaForConditionalGenerat
 
 from vtprune import toy
 
+
 @pytest.fixture(scope="module")
 def model_and_processor():
     torch.set_num_threads(2)
