@@ -23,7 +23,6 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 
 import vtprune
 from vtprune import toy
+from vtprune.toy.evaluate import score
 
 BUDGETS = (576, 192, 128, 64, 32)
 FULL = toy.NUM_IMAGE_TOKENS
@@ -52,30 +52,19 @@ def method_at(name: str, keep: int) -> vtprune.Method:
 
 def accuracy(model: Any, processor: Any, items: list, method: vtprune.Method | None, batch: int) -> dict[str, Any]:
     """Per group ("all", each question type, small/large target): correct share; mean visual tokens kept; answers."""
-    correct: dict[str, list[bool]] = defaultdict(list)
     kept: list[int] = []
     answers: list[str] = []
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
         images, questions = [i.image for i in chunk], [i.question for i in chunk]
         if method is None:
-            predictions = toy.answer(model, processor, images, questions)
+            answers += toy.answer(model, processor, images, questions)
             kept += [FULL] * len(chunk)
         else:
             with method(model) as trace:
-                predictions = toy.answer(model, processor, images, questions)
+                answers += toy.answer(model, processor, images, questions)
             kept += [after for _, after in trace.visual_tokens(0)]
-        answers += predictions
-        for item, prediction in zip(chunk, predictions):
-            ok = toy.is_correct(prediction, item.answer)
-            for group in ("all", item.qtype, f"{item.target_size} object" if item.target_size else None):
-                if group:
-                    correct[group].append(ok)
-    return {
-        "accuracy": {g: sum(v) / len(v) for g, v in sorted(correct.items())},
-        "visual_tokens": sum(kept) / len(kept),
-        "answers": answers,
-    }
+    return {"accuracy": score(items, answers), "visual_tokens": sum(kept) / len(kept), "answers": answers}
 
 
 def markdown(cells: dict[str, dict[int | str, dict]], budgets: list[int]) -> str:

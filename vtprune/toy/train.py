@@ -31,6 +31,7 @@ from tqdm import tqdm
 from transformers import CLIPVisionModel, LlavaForConditionalGeneration, LlavaProcessor
 
 from vtprune.toy import world
+from vtprune.toy.evaluate import score
 from vtprune.toy.modeling import (
     EXAMPLES_DIR,
     IMAGE,
@@ -367,20 +368,15 @@ def qa_batch(builder: QABuilder, conversations: list[list[world.QA]], pad_id: in
 
 
 def evaluate_qa(model, processor, items: list[world.VQAItem], batch: int = 32) -> dict[str, float]:
+    """Greedy answers in eval mode, scored per group (`vtprune.toy.evaluate.score`), rounded to 3 digits."""
     was_training = model.training
     model.eval()
-    correct: dict[str, list[bool]] = {}
+    predictions: list[str] = []
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
-        predictions = answer(model, processor, [i.image for i in chunk], [i.question for i in chunk])
-        for item, prediction in zip(chunk, predictions):
-            ok = is_correct(prediction, item.answer)
-            correct.setdefault(item.qtype, []).append(ok)
-            correct.setdefault("all", []).append(ok)
-            if item.target_size:
-                correct.setdefault(f"{item.target_size} object", []).append(ok)
+        predictions += answer(model, processor, [i.image for i in chunk], [i.question for i in chunk])
     model.train(was_training)
-    return {k: round(float(np.mean(v)), 3) for k, v in sorted(correct.items())}
+    return {group: round(share, 3) for group, share in score(items, predictions).items()}
 
 
 def train_qa(
