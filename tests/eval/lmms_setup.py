@@ -52,9 +52,9 @@ def build_task_processor():
 
 def save_tiny_model(folder: Path) -> Path:
     """The tiny random LLaVA, its output head cut down to the task's answer words (so its answers are words of the
-    task, right by chance), saved with `build_task_processor()`. Seed 2 gets a few of the first documents right, so
+    task, right by chance), saved with `build_task_processor()`. Seed 4 gets a few of the first documents right, so
     comparing accuracies across runs does not compare zeros."""
-    model, processor = build_tiny_llava(seed=2), build_task_processor()
+    model, processor = build_tiny_llava(seed=4), build_task_processor()
     answers = {json.loads(line)["answer"] for line in DATA_FILE.read_text().splitlines()}
     speaks = torch.zeros(model.lm_head.weight.shape[0], dtype=torch.bool)
     speaks[processor.tokenizer.convert_tokens_to_ids(sorted(answers))] = True

@@ -56,6 +56,22 @@ def test_every_scene_has_a_small_object_and_no_overlaps():
                     )
 
 
+def test_objects_sit_on_the_patch_grid_and_small_ones_cover_2x2_patches():
+    for scene in world.make_scenes("val", 40, seed=0):
+        for obj in scene.objects:
+            assert obj.x % world.PATCH_PX == 0 and obj.y % world.PATCH_PX == 0 and obj.width % world.PATCH_PX == 0
+            assert world.PATCH_PX <= min(obj.x, obj.y) and max(obj.x, obj.y) + obj.width <= 336 - world.PATCH_PX
+            assert obj.width // world.PATCH_PX in world.SIZE_PATCHES[obj.size]
+        patches = world.object_map(scene).reshape(24, 14, 24, 14).transpose(0, 2, 1, 3).reshape(576, 196)
+        for index, obj in enumerate(scene.objects):
+            touched = (patches == 1 + index).any(1).reshape(24, 24).nonzero()
+            rows, cols = sorted(set(touched[0].tolist())), sorted(set(touched[1].tolist()))
+            assert rows == list(range(obj.y // 14, (obj.y + obj.width) // 14))  # the bounding box's patch rows
+            assert cols == list(range(obj.x // 14, (obj.x + obj.width) // 14))
+            if obj.size == "small":
+                assert len(touched[0]) == 4
+
+
 def test_answers_match_the_scene():
     rng = np.random.default_rng(0)
     for scene in world.make_scenes("val", 20, seed=0):

@@ -3,7 +3,9 @@
 Stage 1 pretrains the CLIP vision tower contrastively on (image, caption) pairs, CLIP style, with
 a small caption encoder of our own. Each batch is made of groups of near-duplicate scenes that
 differ in one object (usually a small one), so the tower has to see every object, and its [CLS]
-token learns to attend to the objects.
+token learns to attend to the objects. Two auxiliary losses on the penultimate-layer features (the ones LLaVA feeds
+its projector) teach the tower what the questions ask about: each patch's object (`PatchHead`) and each object's
+colour, shape and size read from the mean of its patches (`ObjectHead`, kept at a low weight in stage 2).
 
 Stage 2 trains the whole model on visual question answering, LLaVA's projector and the Llama language model at the
 full learning rate and the tower at a fifth of it (as LLaVA-OneVision does), with the contrastive loss kept as an
@@ -53,14 +55,15 @@ class Recipe:
     seed: int = 0
     size: ModelSize = field(default_factory=ModelSize)
     # Stage 1: contrastive pretraining of the vision tower.
-    tower_steps: int = 150
-    tower_groups: int = 16  # groups per batch
+    tower_steps: int = 250
+    tower_groups: int = 8  # groups per batch
     tower_group_size: int = 4  # a scene and its near-duplicates
     tower_negatives: int = 8  # hard-negative captions per image
-    tower_lr: float = 5e-4
-    # Contrastive captions alone do not teach a 4-layer tower shapes in 150 steps: an auxiliary per-patch loss (the
-    # object under each patch) does, and gives the language model features it can match question words against.
+    tower_lr: float = 1e-3
+    # Contrastive captions alone do not teach a 4-layer tower shapes in a few thousand images; auxiliary losses on
+    # the object under each patch and on each object's pooled patches do (see PatchHead and ObjectHead).
     tower_patch_weight: float = 1.0
+    tower_object_weight: float = 1.0
     caption_dim: int = 128
     # Stage 2: the whole model on question answering, the tower at a fraction of the learning rate
     # (as LLaVA-OneVision trains its tower), with the contrastive loss kept as an auxiliary term.
@@ -76,6 +79,7 @@ class Recipe:
     init_std: float = 0.08
     qa_tower_lr_scale: float = 0.2
     qa_contrastive_weight: float = 0.1
+    qa_object_weight: float = 0.1  # ObjectHead's loss, kept in stage 2 like the contrastive one
     eval_every: int = 300
     val_items: int = 300
     threads: int = 2
@@ -197,21 +201,34 @@ def object_patch_masks(scene: world.Scene) -> dict[world.SceneObject, torch.Tens
 
 @torch.no_grad()
 def evaluate_tower(
-    tower: CLIPVisionModel, head: ContrastiveHead, processor: LlavaProcessor, recipe: Recipe, n_images: int = 128
+    tower: CLIPVisionModel,
+    head: ContrastiveHead,
+    object_head: ObjectHead,
+    processor: LlavaProcessor,
+    recipe: Recipe,
+    n_images: int = 128,
 ) -> dict[str, float]:
-    """How often a held-out image prefers its caption to a hard negative, and where [CLS] looks."""
+    """How often a held-out image prefers its caption to a hard negative, where [CLS] looks, and how well
+    ObjectHead reads each object's attributes from the features LLaVA uses."""
     was_training = tower.training
     tower.eval().set_attn_implementation("eager")  # attention maps for the check below
     scenes = world.make_scenes("val", n_images, recipe.seed)
     negative_rng = world.scene_rng("val", recipe.seed, 0, stream=4)
     wins: dict[str, list[bool]] = {}
     on_objects = object_area = small_found = small_total = 0.0
+    readout: dict[str, list[bool]] = {}
     for start in range(0, n_images, 32):
         batch = scenes[start : start + 32]
-        out = tower(pixel_values(processor, [world.render(s) for s in batch]), output_attentions=True)
+        out = tower(
+            pixel_values(processor, [world.render(s) for s in batch]), output_attentions=True, output_hidden_states=True
+        )
         image_emb = F.normalize(head.image_proj(out.pooler_output), dim=-1)
         # [CLS] attention of the penultimate layer (the one LLaVA reads features from), mean over heads.
         cls_attention = out.attentions[-2][:, :, 0, 1:].mean(1)  # (images, 576)
+        targets = object_targets(batch)
+        for attribute, logits in object_head.logits(out.hidden_states[-2][:, 1:], targets.coverage).items():
+            labels = targets.labels[attribute]
+            readout.setdefault(attribute, []).extend((logits.argmax(-1) == labels)[labels >= 0].tolist())
         for scene, emb, attention in zip(batch, image_emb, cls_attention):
             negatives = world.negative_captions(scene, negative_rng, recipe.tower_negatives)
             ids, mask = tokenize_captions(processor, [world.caption(scene)] + [c for _, c in negatives])
@@ -230,6 +247,7 @@ def evaluate_tower(
                     small_found += bool((top & m).any())
     tower.train(was_training).set_attn_implementation("sdpa")
     metrics = {f"caption_beats_{a}_negative": float(np.mean(v)) for a, v in sorted(wins.items())}
+    metrics.update({f"object_{a}_readout": float(np.mean(v)) for a, v in sorted(readout.items())})
     metrics.update(
         cls_attention_on_objects=on_objects / n_images,
         object_area=object_area / n_images,
@@ -263,13 +281,18 @@ class PatchHead(nn.Module):
         return total / len(self.heads)
 
 
+def patch_coverage(scene: world.Scene) -> np.ndarray:
+    """[576, objects]: how many of each patch's 14x14 pixels each object covers."""
+    grid = world.IMAGE_SIZE // 14
+    patches = world.object_map(scene).reshape(grid, 14, grid, 14).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    return np.stack([(patches == 1 + i).sum(1) for i in range(len(scene.objects))], axis=1)
+
+
 def patch_targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
     """PatchHead's targets for a batch of scenes: {attribute: [images, 576]}."""
-    grid = world.IMAGE_SIZE // 14
-    targets = {k: torch.zeros(len(scenes), grid * grid, dtype=torch.long) for k in PATCH_ATTRIBUTES}
+    targets = {k: torch.zeros(len(scenes), NUM_IMAGE_TOKENS, dtype=torch.long) for k in PATCH_ATTRIBUTES}
     for row, scene in enumerate(scenes):
-        patches = world.object_map(scene).reshape(grid, 14, grid, 14).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
-        counts = np.stack([(patches == 1 + i).sum(1) for i in range(len(scene.objects))], axis=1)  # [576, objects]
+        counts = patch_coverage(scene)
         covered = counts.max(1) >= 0.15 * 14 * 14
         for patch in np.nonzero(covered)[0]:
             obj = scene.objects[int(counts[patch].argmax())]
@@ -278,11 +301,58 @@ def patch_targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
     return targets
 
 
+@dataclass
+class ObjectTargets:
+    """Each object's share of every patch (rows sum to 1; absent objects are all zero) and its attributes."""
+
+    coverage: torch.Tensor  # [images, MAX_OBJECTS, 576]
+    labels: dict[str, torch.Tensor]  # {attribute: [images, MAX_OBJECTS]}, -100 for absent objects
+
+
+def object_targets(scenes: list[world.Scene]) -> ObjectTargets:
+    """ObjectHead's targets for a batch of scenes."""
+    coverage = torch.zeros(len(scenes), world.MAX_OBJECTS, NUM_IMAGE_TOKENS)
+    labels = {k: torch.full((len(scenes), world.MAX_OBJECTS), -100) for k in PATCH_ATTRIBUTES}
+    for row, scene in enumerate(scenes):
+        counts = torch.from_numpy(patch_coverage(scene)).float().T  # [objects, 576]
+        coverage[row, : len(counts)] = counts / counts.sum(1, keepdim=True)
+        for i, obj in enumerate(scene.objects):
+            for attribute, values in PATCH_ATTRIBUTES.items():
+                labels[attribute][row, i] = values.index(getattr(obj, attribute))
+    return ObjectTargets(coverage, labels)
+
+
+class ObjectHead(nn.Module):
+    """Per object: colour, shape and size from the mean of the penultimate-layer features over its patches.
+
+    That mean is what a language-model token receives when it attends to one object, so this is the readout the
+    question answering needs.
+    """
+
+    def __init__(self, vision_hidden: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({k: nn.Linear(vision_hidden, len(v)) for k, v in PATCH_ATTRIBUTES.items()})
+
+    def logits(self, features: torch.Tensor, coverage: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = coverage.to(features.dtype) @ features  # [images, MAX_OBJECTS, hidden]
+        return {attribute: head(pooled) for attribute, head in self.heads.items()}
+
+    def loss(self, features: torch.Tensor, targets: ObjectTargets) -> torch.Tensor:
+        logits = self.logits(features, targets.coverage)
+        losses = [F.cross_entropy(logits[k].flatten(0, 1).float(), targets.labels[k].flatten()) for k in self.heads]
+        return sum(losses) / len(losses)
+
+
 def train_tower(
-    recipe: Recipe, processor: LlavaProcessor, tower: CLIPVisionModel, head: ContrastiveHead, patch_head: PatchHead
+    recipe: Recipe,
+    processor: LlavaProcessor,
+    tower: CLIPVisionModel,
+    head: ContrastiveHead,
+    patch_head: PatchHead,
+    object_head: ObjectHead,
 ) -> None:
     torch.manual_seed(recipe.seed)
-    params = (list(tower.parameters()) + list(patch_head.parameters())
+    params = (list(tower.parameters()) + list(patch_head.parameters()) + list(object_head.parameters())
               + [p for n, p in head.named_parameters() if n != "logit_scale"])
     optimizer = torch.optim.AdamW(
         [{"params": params, "weight_decay": 0.05}, {"params": [head.logit_scale], "weight_decay": 0.0}],
@@ -300,13 +370,17 @@ def train_tower(
         with autocast(recipe):
             out = tower(pixels, output_hidden_states=True)
             contrastive = head.loss(out.pooler_output, captions)
-            dense = patch_head.loss(out.hidden_states[-2][:, 1:], patch_targets(scenes))
-        loss = contrastive + recipe.tower_patch_weight * dense
+            features = out.hidden_states[-2][:, 1:]
+            dense = patch_head.loss(features, patch_targets(scenes))
+            objects = object_head.loss(features, object_targets(scenes))
+        loss = contrastive + recipe.tower_patch_weight * dense + recipe.tower_object_weight * objects
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        progress.set_postfix(contrastive=f"{contrastive.item():.3f}", patches=f"{dense.item():.3f}")
+        progress.set_postfix(
+            contrastive=f"{contrastive.item():.3f}", patches=f"{dense.item():.3f}", objects=f"{objects.item():.3f}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +454,11 @@ def evaluate_qa(model, processor, items: list[world.VQAItem], batch: int = 32) -
 
 
 def train_qa(
-    recipe: Recipe, processor: LlavaProcessor, model: LlavaForConditionalGeneration, head: ContrastiveHead
+    recipe: Recipe,
+    processor: LlavaProcessor,
+    model: LlavaForConditionalGeneration,
+    head: ContrastiveHead,
+    object_head: ObjectHead,
 ) -> dict[str, float]:
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng([recipe.seed, 7])
@@ -395,7 +473,8 @@ def train_qa(
     val_items = world.make_dataset("val", recipe.val_items, recipe.seed)
 
     tower = model.model.vision_tower
-    tower_params = list(tower.parameters()) + [p for n, p in head.named_parameters() if n != "logit_scale"]
+    tower_params = (list(tower.parameters()) + list(object_head.parameters())
+                    + [p for n, p in head.named_parameters() if n != "logit_scale"])
     tower_ids = {id(p) for p in tower_params}
     language = [p for p in model.parameters() if id(p) not in tower_ids]
     tower_lr = recipe.qa_lr * recipe.qa_tower_lr_scale
@@ -437,14 +516,16 @@ def train_qa(
         with autocast(recipe):
             tower_out = tower(pixels, output_hidden_states=True)
             # LLaVA's feature selection: penultimate layer, [CLS] dropped.
-            image_embeds = model.model.multi_modal_projector(tower_out.hidden_states[feature_layer][:, 1:])
+            features = tower_out.hidden_states[feature_layer][:, 1:]
+            image_embeds = model.model.multi_modal_projector(features)
             embeds = model.get_input_embeddings()(input_ids)
             image_mask = (input_ids == image_token_id)[..., None]
             embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
             qa_loss = model(inputs_embeds=embeds, **batch).loss
             # Keeps [CLS] (unused by the language model) tied to the image content, as stage 1 trained it.
             contrastive = head.loss(tower_out.pooler_output, captions)
-        loss = qa_loss + recipe.qa_contrastive_weight * contrastive
+            objects = object_head.loss(features, object_targets(batch_scenes))
+        loss = qa_loss + recipe.qa_contrastive_weight * contrastive + recipe.qa_object_weight * objects
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(language, 1.0)
@@ -524,23 +605,26 @@ def main(argv: list[str] | None = None) -> None:
     reinitialize([model.model.language_model, model.lm_head, model.model.multi_modal_projector], recipe.init_std)
     tower = model.model.vision_tower
     head = ContrastiveHead(tower.config.hidden_size, len(processor.tokenizer), recipe.caption_dim)
+    object_head = ObjectHead(tower.config.hidden_size)
     report: dict = {"recipe": asdict(recipe)}
 
     if args.load_stage1:
         stage1 = torch.load(args.load_stage1 / "stage1.pt")
         tower.load_state_dict(stage1["tower"])
         head.load_state_dict(stage1["head"])
+        object_head.load_state_dict(stage1["object_head"])
         report["stage1_loaded_from"] = str(args.load_stage1)
     else:
-        train_tower(recipe, processor, tower, head, PatchHead(tower.config.hidden_size))
+        train_tower(recipe, processor, tower, head, PatchHead(tower.config.hidden_size), object_head)
         if args.save_stage1:
             args.save_stage1.mkdir(parents=True, exist_ok=True)
-            torch.save({"tower": tower.state_dict(), "head": head.state_dict()}, args.save_stage1 / "stage1.pt")
-    report["tower_after_stage1"] = evaluate_tower(tower, head, processor, recipe)
+            stage1 = {"tower": tower.state_dict(), "head": head.state_dict(), "object_head": object_head.state_dict()}
+            torch.save(stage1, args.save_stage1 / "stage1.pt")
+    report["tower_after_stage1"] = evaluate_tower(tower, head, object_head, processor, recipe)
     print(f"stage 1 done in {(time.time() - STARTED) / 60:.1f} min: {report['tower_after_stage1']}", flush=True)
 
-    report["val_accuracy"] = train_qa(recipe, processor, model, head)
-    report["tower_after_stage2"] = evaluate_tower(tower, head, processor, recipe)
+    report["val_accuracy"] = train_qa(recipe, processor, model, head, object_head)
+    report["tower_after_stage2"] = evaluate_tower(tower, head, object_head, processor, recipe)
     print(f"stage 2 done in {(time.time() - STARTED) / 60:.1f} min; val accuracy {report['val_accuracy']}", flush=True)
 
     if args.out.exists():
