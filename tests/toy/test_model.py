@@ -4,7 +4,12 @@ import json
 
 import pytest
 import torch
-from transformers import CLIPVisionModel, LlamaModel, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    CLIPVisionModel,
+    LlamaModel,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
 from vtprune import toy
 

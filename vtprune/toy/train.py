@@ -39,6 +39,7 @@ from vtprune.toy.modeling import (
     IMAGE,
     MODEL_DIR,
     NUM_IMAGE_TOKENS,
+    PATCH_SIZE,
     ModelSize,
     answer,
     build_config,
@@ -190,11 +191,13 @@ def contrastive_batch(recipe: Recipe, split: str, index: int) -> list[world.Scen
 
 def object_patch_masks(scene: world.Scene) -> dict[world.SceneObject, torch.Tensor]:
     """For each object, which of the 24x24 patches its bounding box touches (flattened, row-major)."""
-    grid = world.IMAGE_SIZE // 14
+    grid, patch = world.IMAGE_SIZE // PATCH_SIZE, PATCH_SIZE
     masks = {}
     for obj in scene.objects:
         m = torch.zeros(grid, grid, dtype=torch.bool)
-        m[obj.y // 14 : (obj.y + obj.width - 1) // 14 + 1, obj.x // 14 : (obj.x + obj.width - 1) // 14 + 1] = True
+        rows = slice(obj.y // patch, (obj.y + obj.width - 1) // patch + 1)
+        cols = slice(obj.x // patch, (obj.x + obj.width - 1) // patch + 1)
+        m[rows, cols] = True
         masks[obj] = m.flatten()
     return masks
 
@@ -282,9 +285,9 @@ class PatchHead(nn.Module):
 
 
 def patch_coverage(scene: world.Scene) -> np.ndarray:
-    """[576, objects]: how many of each patch's 14x14 pixels each object covers."""
-    grid = world.IMAGE_SIZE // 14
-    patches = world.object_map(scene).reshape(grid, 14, grid, 14).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    """[576, objects]: how many of each patch's pixels each object covers."""
+    grid, patch = world.IMAGE_SIZE // PATCH_SIZE, PATCH_SIZE
+    patches = world.object_map(scene).reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
     return np.stack([(patches == 1 + i).sum(1) for i in range(len(scene.objects))], axis=1)
 
 
@@ -293,7 +296,7 @@ def patch_targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
     targets = {k: torch.zeros(len(scenes), NUM_IMAGE_TOKENS, dtype=torch.long) for k in PATCH_ATTRIBUTES}
     for row, scene in enumerate(scenes):
         counts = patch_coverage(scene)
-        covered = counts.max(1) >= 0.15 * 14 * 14
+        covered = counts.max(1) >= 0.15 * PATCH_SIZE**2
         for patch in np.nonzero(covered)[0]:
             obj = scene.objects[int(counts[patch].argmax())]
             for attribute, values in PATCH_ATTRIBUTES.items():

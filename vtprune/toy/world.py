@@ -150,8 +150,8 @@ def random_scene(
     # Place large objects first: they are the hard ones to fit.
     order = sorted(range(n_objects), key=lambda i: sizes[i] != "large")
     placed: list[SceneObject] = []
+    grid = IMAGE_SIZE // PATCH_PX
     for i in order:
-        grid = IMAGE_SIZE // PATCH_PX
         for _attempt in range(200):
             patches = int(rng.choice(SIZE_PATCHES[sizes[i]]))
             width = patches * PATCH_PX
