@@ -12,7 +12,7 @@ full learning rate and the tower at a fifth of it (as LLaVA-OneVision does), wit
 auxiliary term so that [CLS] stays tied to the image. Each image comes with 16 questions packed as independent single
 turns (see `QABuilder`); the loss is on the answer tokens only.
 
-    python -m vtprune.toy.train            # about an hour on 2 CPU cores; writes vtprune/toy/model/
+    python -m vtprune.toy.train            # about 80 minutes on 2 CPU cores; writes vtprune/toy/model/
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class Recipe:
     qa_scenes: int = 12000
     qa_easy_scenes: int = 1000  # scenes of 1-2 objects, the only ones seen in the first qa_easy_steps
     qa_easy_steps: int = 100
-    qa_steps: int = 1500
+    qa_steps: int = 2400
     qa_batch: int = 8  # images (conversations) per step
     qa_turns: int = 16  # questions per image, packed as independent single turns after one image prefix
     qa_lr: float = 1e-3
