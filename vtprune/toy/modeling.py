@@ -34,7 +34,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
 PATCH_SIZE = world.PATCH_PX  # the grid the world places its objects on
-NUM_IMAGE_TOKENS = (world.IMAGE_SIZE // PATCH_SIZE) ** 2  # 576
+NUM_IMAGE_TOKENS = world.GRID**2  # 576
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -191,7 +191,7 @@ def contrastive_batch(recipe: Recipe, split: str, index: int) -> list[world.Scen
 
 def object_patch_masks(scene: world.Scene) -> dict[world.SceneObject, torch.Tensor]:
     """For each object, which of the 24x24 patches its bounding box touches (flattened, row-major)."""
-    grid, patch = world.IMAGE_SIZE // PATCH_SIZE, PATCH_SIZE
+    grid, patch = world.GRID, PATCH_SIZE
     masks = {}
     for obj in scene.objects:
         m = torch.zeros(grid, grid, dtype=torch.bool)
@@ -286,7 +286,7 @@ class PatchHead(nn.Module):
 
 def patch_coverage(scene: world.Scene) -> np.ndarray:
     """[576, objects]: how many of each patch's pixels each object covers."""
-    grid, patch = world.IMAGE_SIZE // PATCH_SIZE, PATCH_SIZE
+    grid, patch = world.GRID, PATCH_SIZE
     patches = world.object_map(scene).reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
     return np.stack([(patches == 1 + i).sum(1) for i in range(len(scene.objects))], axis=1)
 

@@ -34,6 +34,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 SIZES: tuple[str, ...] = ("small", "large")
 PATCH_PX = 14  # the vision tower's patch size; objects are placed and sized in whole patches
+GRID = IMAGE_SIZE // PATCH_PX  # 24 patches per side
 SIZE_PATCHES: dict[str, tuple[int, ...]] = {"small": (2,), "large": (4, 5, 6)}
 MIN_OBJECTS, MAX_OBJECTS = 2, 5
 QTYPES: tuple[str, ...] = ("color", "shape", "position", "count")
@@ -150,12 +151,11 @@ def random_scene(
     # Place large objects first: they are the hard ones to fit.
     order = sorted(range(n_objects), key=lambda i: sizes[i] != "large")
     placed: list[SceneObject] = []
-    grid = IMAGE_SIZE // PATCH_PX
     for i in order:
         for _attempt in range(200):
             patches = int(rng.choice(SIZE_PATCHES[sizes[i]]))
             width = patches * PATCH_PX
-            x, y = (PATCH_PX * int(rng.integers(1, grid - patches)) for _ in range(2))  # a patch of border
+            x, y = (PATCH_PX * int(rng.integers(1, GRID - patches)) for _ in range(2))  # a patch of border
             if not any(_boxes_overlap(other, x, y, width) for other in placed):
                 break
         else:  # pragma: no cover - 5 objects always fit in 336 px
