@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import vtprune
-from vtprune.adapters.hf_attention import cache_bytes
+from vtprune.eval.measure import cache_bytes
 from vtprune.eval.memory import peak_memory_bytes
 from vtprune.eval.speed import paired_ratio, prefill, prefill_seconds
 
@@ -35,9 +35,9 @@ METHODS = [  # (name, options)
     ("random", dict(keep=0.25)),
     ("pool", dict(keep=0.25)),
     ("fastv", dict(keep=0.25, layer=2)),
-    ("zipvl", dict(tau=0.975, kv_mode="drop")),
-    ("zipvl", dict(tau=0.975, kv_mode="quant")),
-    ("zipvl", dict(tau=0.96, kv_mode="drop")),
+    ("zipvl", dict(keep=0.975, kv_mode="drop")),
+    ("zipvl", dict(keep=0.975, kv_mode="quant")),
+    ("zipvl", dict(keep=0.96, kv_mode="drop")),
 ]
 VIDEO_TOKEN, VOCAB, TEXT = 31999, 32000, 16
 

@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """`["start_layer=16", "scope=sample"]` -> {"start_layer": 16, "scope": "sample"}."""
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--option expects name=value, got {pair!r}")
-        name, value = pair.split("=", 1)
-        try:
-            options[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[name] = value
-    return options
-
-
-def parse_keep(text: str) -> int | float:
-    return float(text) if "." in text else int(text)
+from .core.budget import budget_argument
 
 
 def answer(model: Any, processor: Any, inputs: dict, max_new_tokens: int) -> str:
@@ -43,7 +26,9 @@ def run(args: argparse.Namespace) -> int:
     from .loading import load, prepare
     from .viz import heatmap
 
-    options = parse_options(args.option) if args.keep is None else {"keep": args.keep, **parse_options(args.option)}
+    options = vtprune.core.parse_options(vtprune.core.method_class(args.method), args.option, args.method)
+    if args.keep is not None:
+        options = {"keep": args.keep, **options}
     method = vtprune.make(args.method, preset=args.preset, **options)
     model, processor = load(args.model, device=args.device)
     images = [Image.open(path) for path in args.image]
@@ -78,7 +63,7 @@ def add_run(subparsers: Any) -> None:
     p.add_argument("--image", action="append", required=True, help="image file (repeat for several images)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--method", default="vtc-cls")
-    p.add_argument("--keep", type=parse_keep, help="visual tokens kept per image (int) or a ratio; default: the method's")
+    p.add_argument("--keep", type=budget_argument, help="the budget: tokens per image (int) or a ratio; default: the method's")
     p.add_argument("--preset", help="a preset of the method (e.g. transprune: high, low) or a JSON file from `tune`")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option, repeatable")
     p.add_argument("--heatmap", help="write the image, the method's scores and the kept tokens to this PNG")

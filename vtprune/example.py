@@ -7,7 +7,6 @@ writes one heatmap per method into the output folder. Defaults to the embedded m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from PIL import Image
 
 import vtprune
 
+from .core import VISUAL_TOKENS
 from .eval.speed import prefill_seconds
 from .loading import load, prepare
 from .toy import is_correct
@@ -37,12 +37,9 @@ def generate_answer(model: Any, processor: Any, inputs: dict, max_new_tokens: in
 
 
 def methods_with_budget(names: list[str], keep: int) -> list[vtprune.Method]:
-    out = []
-    for name in names:
-        cls = vtprune.core.method_class(name)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        out.append(vtprune.make(name, **({"keep": keep} if "keep" in fields else {})))
-    return out
+    """Each method at `keep` visual tokens per image if its budget counts visual tokens, else at its own default."""
+    kinds = {name: vtprune.core.method_class(name).budget_kind for name in names}
+    return [vtprune.make(name, **({"keep": keep} if kinds[name] is VISUAL_TOKENS else {})) for name in names]
 
 
 def run_example(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .core import Choice, IntRange, Method, Uniform, VTPruneError, adapter_for, method_class
+from .core import Choice, IntRange, Method, Uniform, VTPruneError, adapter_for, method_class, parse_budget, parse_options
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DEFAULT_QUESTION = "Describe the image."
@@ -189,19 +189,7 @@ def tune(
     return TuneResult(name, best, study.best_value, default_objective, trials, len(failures))
 
 
-def parse_budget(text: str | None) -> Any:
-    if text is None:
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def run_tune(args: argparse.Namespace) -> int:
-    from .cli import parse_options
     from .loading import load, prepare
 
     model, processor = load(args.model, device=args.device)
@@ -210,9 +198,9 @@ def run_tune(args: argparse.Namespace) -> int:
     else:
         pairs = synthetic_calibration(args.samples, seed=args.seed, size=args.image_size)
     calibration = [prepare(processor, [image], question, device=model.device) for image, question in pairs]
-    budget = parse_budget(args.budget)
+    budget = None if args.budget is None else parse_budget(args.budget)
     result = tune(model, calibration, args.method, budget=budget, trials=args.trials, seed=args.seed,
-                  fixed=parse_options(args.option), sampler=args.sampler)
+                  fixed=parse_options(method_class(args.method), args.option, args.method), sampler=args.sampler)
     result.extra = {"model": str(args.model), "budget": budget, "sampler": args.sampler, "seed": args.seed,
                     "calibration": {"samples": len(calibration), "source": args.calibration or "synthetic"}}
     out = Path(args.out or f"{args.method}-tuned.json")

@@ -19,7 +19,7 @@ KEEP_ALL = {
     "transprune": dict(keep_ratios=(1.0, 1.0, 1.0)),
     "vflowopt": dict(vit_keep=1.0, llm_keep1=1.0, llm_keep2=1.0),  # vit_keep=1 bypasses stage V (no recycling)
     "visionzip": dict(keep=GRID * GRID, contextual=0, cls_token=False),
-    "zipvl": dict(tau=1.0),
+    "zipvl": dict(keep=1.0),
 }
 NOT_ON_LLAVA: set[str] = set()  # methods the LLaVA adapter refuses
 
@@ -88,7 +88,8 @@ def test_keep_k_shortens_sequence_and_cache(tiny_llava, batch, name):
     for index in range(len(layers)):
         expected = full if index < cut else pruned
         assert seen[index] == expected
-        assert out.cache.get_seq_length(index) == expected
+        assert out.cache.layers[index].keys.shape[-2] == expected  # physical length
+        assert out.cache.get_seq_length(index) == full  # the length the cache stands for
     assert [after for _, after in trace.visual_tokens()] == [4, 8]
     assert out.logits.shape[1] == pruned
 
@@ -320,7 +321,7 @@ def test_kv_cache_site_compresses_every_layer(tiny_llava, batch):
             out = tiny_llava(**batch, use_cache=True)
             sequences, _ = generate(tiny_llava, batch, steps=3)
     budgets = (real * 0.5).floor().long().tolist()
-    assert [out.cache.get_seq_length(i) for i in range(4)] == [max(budgets)] * 4
+    assert [out.cache.layers[i].keys.shape[-2] for i in range(4)] == [max(budgets)] * 4
     kept = {(r.layer, r.sample): r.cache_positions.shape for r in trace.forwards[0].sites}
     assert kept == {(layer, b): (2, budgets[b]) for layer in range(4) for b in range(2)}
     mask = batch["attention_mask"].bool()
@@ -349,11 +350,15 @@ def test_unsupported_model_is_refused():
         vtprune.make("vtc-cls", keep=4)(torch.nn.Linear(2, 2))
 
 
-def test_inputs_embeds_without_input_ids_is_refused(tiny_llava, batch):
+def test_inputs_embeds_find_the_images_as_input_ids_do(tiny_llava, batch):
+    """Without input_ids the image tokens are found by their embedding, as transformers finds them."""
     embeds = tiny_llava.model.get_input_embeddings()(batch["input_ids"])
-    with pytest.raises(vtprune.VTPruneError, match="needs input_ids"):
-        with vtprune.make("random", keep=4)(tiny_llava):
-            tiny_llava(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+    without_ids = {k: v for k, v in batch.items() if k != "input_ids"}
+    with torch.no_grad(), vtprune.make("random", keep=4)(tiny_llava) as trace:
+        from_ids = tiny_llava(**batch).logits
+        from_embeds = tiny_llava(inputs_embeds=embeds, **without_ids).logits
+    assert trace.visual_tokens(0) == trace.visual_tokens(1) == [(16, 4), (32, 8)]
+    torch.testing.assert_close(from_embeds, from_ids, atol=0, rtol=0)
 
 
 def test_fastv_cut_outside_the_model_is_refused(tiny_llava):

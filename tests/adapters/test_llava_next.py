@@ -203,6 +203,8 @@ def test_methods_without_tiles_or_frames_are_refused(models, name):
 
 def test_detach_removes_the_encoder_wrappers(models):
     model = models["onevision"]
+    original = type(model.model)
     with vtprune.make("random", keep=2)(model):
-        assert "get_video_features" in vars(model.model)
+        assert type(model.model) is not original and "get_video_features" in vars(type(model.model))
+    assert type(model.model) is original
     assert "get_video_features" not in vars(model.model) and "get_image_features" not in vars(model.model)

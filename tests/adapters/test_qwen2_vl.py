@@ -17,8 +17,8 @@ KEEP_ALL = [
     ("fastv", dict(keep=1.0, layer=1)),
     ("gui-kv", dict(keep=1.0)),
     ("gui-kv", dict(keep=1.0, gqa_reduce="expand", temporal_keys="pre_rope")),
-    ("zipvl", dict(tau=1.0)),
-    ("zipvl", dict(tau=1.0, kv_mode="full")),
+    ("zipvl", dict(keep=1.0)),
+    ("zipvl", dict(keep=1.0, kv_mode="full")),
 ]
 NOT_ON_QWEN = {
     "vtc-cls": "the Qwen vision tower has no [CLS] token",
@@ -96,18 +96,26 @@ def test_methods_without_their_signals_are_refused(qwen, name, options, message)
     assert hooks_of(model) == hooks
 
 
-def test_videos_and_embeddings_without_ids_are_refused(qwen):
+def test_placeholder_ids_without_media_are_text_and_embeddings_find_the_images(qwen):
+    """A video placeholder with no video is text, as transformers treats it; inputs_embeds find the images by their
+    embedding, as input_ids do (Qwen itself numbers positions differently without input_ids: compare like with like)."""
     model, batch = qwen[:2]
     hooks = hooks_of(model)
     ids = batch["input_ids"].clone()
     ids[:, -2] = VIDEO  # a video placeholder in the text
-    with pytest.raises(vtprune.VTPruneError, match="not videos"):
-        with vtprune.make("random", keep=4)(model):
-            model(**dict(batch, input_ids=ids))
+    keep_all = vtprune.make("random", keep=1.0)
     embeds = model.get_input_embeddings()(batch["input_ids"])
-    with pytest.raises(vtprune.VTPruneError, match="needs input_ids"):
-        with vtprune.make("random", keep=4)(model):
-            model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+    without_ids = {k: v for k, v in batch.items() if k != "input_ids"}
+    with torch.no_grad():
+        dense = model(**dict(batch, input_ids=ids)).logits
+        dense_embeds = model(inputs_embeds=embeds, **without_ids).logits
+        with keep_all(model):
+            torch.testing.assert_close(model(**dict(batch, input_ids=ids)).logits, dense, atol=0, rtol=0)
+            torch.testing.assert_close(model(inputs_embeds=embeds, **without_ids).logits, dense_embeds, atol=0, rtol=0)
+        with vtprune.make("random", keep=4)(model) as trace:
+            model(**batch)
+            model(inputs_embeds=embeds, **without_ids)
+    assert trace.visual_tokens(0) == trace.visual_tokens(1) == [(64, 8), (80, 8)]
     assert hooks_of(model) == hooks
 
 

@@ -72,11 +72,13 @@ def test_a_budget_larger_than_the_visual_tokens_is_the_methods_error(demo, saved
 
 
 def test_methods_without_a_budget_say_they_use_their_own(demo, saved_model, screenshots):
+    """The visual-token budget goes to every method whose budget counts visual tokens (progressive ones included);
+    a method whose budget counts something else runs at its own, and a note says what it counts."""
     report = demo.run(Request(files=screenshots.files[:1], question="w1", model=str(saved_model),
-                              methods=["transprune"], budget="8", **QUICK))
-    assert report.runs[0].error is None
-    assert report.notes == ["transprune has no per-image budget; it runs with its own options (keep_ratios=(0.875, "
-                            "0.625, 0.125))"]
+                              methods=["transprune", "zipvl"], budget="8", **QUICK))
+    assert [run.error for run in report.runs] == [None, None]
+    assert report.runs[0].visual == (16, 8)
+    assert report.notes == ["zipvl's budget counts a share of attention mass; it runs at its own keep=0.975"]
 
 
 @pytest.mark.parametrize(

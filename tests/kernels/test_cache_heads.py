@@ -13,7 +13,7 @@ def test_per_head_gather_matches_a_loop():
     keep = [torch.tensor([[0, 4, 8], [1, 2, 8], [5, 6, 7]]), torch.tensor([[3, 8], [0, 8], [2, 4]])]
     index, valid = kernels.left_padded_heads(keep)
     assert valid.tolist() == [[True, True, True], [False, True, True]]  # right-aligned, left padding
-    k, v = kernels.compact_cache_heads(keys, values, index, valid)
+    ((k, v),) = kernels.compact_cache([(keys, values)], index, valid)  # index [B, H, C]: one selection per head
     for b, kept in enumerate(keep):
         c = kept.shape[1]
         for h in range(3):

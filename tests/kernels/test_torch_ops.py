@@ -76,7 +76,7 @@ def test_auto_backend_runs_torch_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None
         raise AssertionError("the Triton op ran on CPU tensors")
 
     monkeypatch.delenv("VTPRUNE_KERNELS", raising=False)
-    monkeypatch.setitem(kernels._TRITON_OPS, "compact_sequence", fail)
+    monkeypatch.setitem(kernels.ops._TRITON_OPS, "compact_sequence", fail)
     index, valid = kernels.left_padded_index(KEEP)
     hidden, positions, mask = torch.randn(4, 10, 2), torch.arange(10).expand(4, 10), torch.ones(4, 10)
     kernels.compact_sequence(hidden, positions, mask, index, valid)

@@ -227,8 +227,8 @@ def test_pruned_llava_matches_torch_kernels(method: str, tiny_llava, batch, monk
 
         return run
 
-    for name, op in list(kernels._TRITON_OPS.items()):
-        monkeypatch.setitem(kernels._TRITON_OPS, name, counted(name, op))
+    for name, op in list(kernels.ops._TRITON_OPS.items()):
+        monkeypatch.setitem(kernels.ops._TRITON_OPS, name, counted(name, op))
     logits = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("VTPRUNE_KERNELS", backend)

@@ -251,11 +251,13 @@ def test_budgets_too_small_or_too_large_are_refused(model, batch):
 
 
 def test_a_call_sized_by_the_compressed_cache_is_refused(model, batch):
-    """The cache is shorter than the sequence it stands for: a mask sized from get_seq_length() is a clear error."""
+    """The cache is shorter than the sequence it stands for (get_seq_length() is the length it stands for): a mask
+    sized from the physical cache is a clear error."""
     with torch.no_grad(), vtprune.make("gui-kv", keep=0.3)(model):
         out = model(**batch, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-        physical = out.cache.get_seq_length()
+        physical = out.cache.layers[0].keys.shape[-2]
+        assert out.cache.get_seq_length() == batch["input_ids"].shape[1]
         assert physical < batch["input_ids"].shape[1]
         with pytest.raises(vtprune.VTPruneError, match="stands for 136 tokens"):
             model(input_ids=token, attention_mask=torch.ones(2, physical + 1, dtype=torch.long), cache=out.cache,

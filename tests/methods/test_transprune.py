@@ -137,7 +137,8 @@ def test_per_layer_cache_lengths_follow_the_schedule(llava16):
     # ragged samples are left padded to the longest
     stage_length = [int((text + math.floor(16 * r) * images).max()) for r in (1.0, *RATIOS)]
     expected = [stage_length[sum(layer >= p for p in PRUNE)] for layer in range(16)]
-    assert [out.cache.get_seq_length(i) for i in range(16)] == expected
+    assert [out.cache.layers[i].keys.shape[-2] for i in range(16)] == expected  # physical lengths
+    assert {out.cache.get_seq_length(i) for i in range(16)} == {batch["input_ids"].shape[1]}  # logical
     assert expected == [37] * 7 + [33] * 2 + [25] * 3 + [9] * 4
     with torch.no_grad():  # the reference's batch-1 caches, sample 1 (the longer one), agree
         *_, lengths = reference(llava16, *sample_inputs(batch, 1))

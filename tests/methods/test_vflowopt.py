@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,14 +14,25 @@ from vtprune.methods.vflowopt import (
     PRESETS,
     RELEASED_DEPTH,
     RELEASED_LAYERS,
+    anyres_cells,
+    anyres_importance,
     budget_share,
     default_llm_layers,
     derived_llm_keep2,
     importance,
+    pack_tiles,
     patch_entropy,
+    pool_frame_maps,
     quantize_pixels,
     relevance,
+    stage_v,
+    video_importance,
+    video_keep,
 )
+
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reference" / "vflowopt_anyres"  # see its README.md
+ANYRES_CASES = ["anyres_768x576_2x2", "anyres_576x900_tall_keep50", "anyres_1536x1100_downsized", "anyres_768x576_row_ends_pruned"]
+SIDE = 27  # SigLIP-384 patch grid of LLaVA-OneVision
 
 SIGLIP = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -125,7 +138,7 @@ def test_relevance_reads_the_rows_of_the_global_tokens():
 
 
 def test_empty_global_set_is_noted_in_the_trace(tiny_llava, batch):
-    method = vtprune.make("vflowopt", threshold=1000.0, vit_keep=0.5, cell=2.0)
+    method = vtprune.make("vflowopt", threshold=1000.0, vit_keep=0.5, cell=2.0, llm_keep2=1.0)
     with torch.no_grad(), method(tiny_llava) as trace:
         tiny_llava(**batch)
     assert trace.forwards[0].sites[0].notes == {"empty_global_set": [0, 1, 2]}
@@ -156,7 +169,7 @@ def test_entropy_weight_zero_makes_entropy_irrelevant(tiny_llava, batch):
     assert not any(isinstance(r, vtprune.core.PixelValues) for r in vtprune.make("vflowopt").requests(ModelInfo("llava", 4)))
     runs = {}
     for mode in ("raw", "official"):
-        method = vtprune.make("vflowopt", threshold=1.0, alpha_v=0.5, entropy_mode=mode, vit_keep=1.0)
+        method = vtprune.make("vflowopt", threshold=1.0, alpha_v=0.5, entropy_mode=mode, vit_keep=1.0, llm_keep2=1.0)
         with torch.no_grad(), method(tiny_llava) as trace:
             tiny_llava(**batch)
         runs[mode] = trace.forwards[0].sites[0].scores
@@ -192,5 +205,93 @@ def test_presets_and_bad_options():
 
 def test_negative_importance_in_a_cell_is_refused(tiny_llava, batch):
     with pytest.raises(vtprune.VTPruneError, match="importances sum to"):
-        with torch.no_grad(), vtprune.make("vflowopt", alpha_v=-1.0, threshold=1.0, vit_keep=0.5, cell=2.0)(tiny_llava):
+        with torch.no_grad(), vtprune.make("vflowopt", alpha_v=-1.0, threshold=1.0, vit_keep=0.5, cell=2.0, llm_keep2=1.0)(tiny_llava):
             tiny_llava(**batch)
+
+
+# ------------------------------------------- anyres and video rules against the official code's outputs (README)
+def load_reference(name):
+    return torch.load(REFERENCE / f"{name}.pt")
+
+
+def reference_importance(ref):
+    tiles, size = tuple(ref["tiles_hw"].tolist()), tuple(ref["image_size_hw"].tolist())
+    return anyres_importance(ref["maps"][0], ref["maps"][1:], tiles, SIDE, size, max_tiles=9)
+
+
+@pytest.mark.parametrize("name", ANYRES_CASES)
+def test_anyres_map_and_features_are_laid_out_like_the_release(name):
+    ref = load_reference(name)
+    scores, mosaic = reference_importance(ref)
+    torch.testing.assert_close(scores, ref["packed_map"], atol=1e-7, rtol=0)  # base, unpadded (resized) tiles, 1.0s
+    tiles, size = tuple(ref["tiles_hw"].tolist()), tuple(ref["image_size_hw"].tolist())
+    local = pack_tiles(ref["features"][1:], tiles, SIDE, size, max_tiles=9)
+    assert tuple(local.shape[:2]) == mosaic
+    row_ends = ref["newline"].expand(mosaic[0], 1, -1)
+    features = torch.cat([ref["features"][0], torch.cat([local, row_ends], dim=1).flatten(0, 1)])
+    torch.testing.assert_close(features, ref["packed_features"], atol=1e-6, rtol=0)  # maps travel like features
+
+
+@pytest.mark.parametrize("name", ANYRES_CASES)
+def test_anyres_stage_v_keeps_and_recycles_like_the_release(name):
+    ref = load_reference(name)
+    scores, mosaic = reference_importance(ref)
+    kept, groups = stage_v(scores, anyres_cells(SIDE, mosaic), float(ref["vit_keep"]), float(ref["cell"]))
+    assert torch.equal(kept, ref["kept"])  # the kept set, in the release's (original) sequence order
+    output = ref["packed_features"][kept].clone()
+    rank = {slot: i for i, slot in enumerate(kept.tolist())}
+    for slot, members, weights in groups:
+        output[rank[slot]] = (weights[:, None] * ref["packed_features"][members]).sum(dim=0)
+    changed = (output != ref["packed_features"][kept]).any(dim=1).nonzero().squeeze(1)
+    assert torch.equal(changed, ref["recycled"])  # recycled tokens sit where the release puts them
+    torch.testing.assert_close(output[changed], ref["recycled_features"], atol=1e-5, rtol=0)
+    assert any(slot >= SIDE * SIDE for slot, _, _ in groups) and any(slot < SIDE * SIDE for slot, _, _ in groups)
+
+
+def test_anyres_cells_count_the_row_end_column_and_keep_base_and_tiles_apart():
+    cells = anyres_cells(3, (2, 4))  # base 3x3, then 2 rows of 4 patches + a row end
+    assert cells[:9, 0].tolist() == [0] * 9 and cells[9:, 0].tolist() == [1] * 10
+    assert cells[9 + 4].tolist() == [1, 0, 4]  # first row end: column w = 4
+    assert cells[9 + 5].tolist() == [1, 1, 0]  # the second row starts after it
+    scores = torch.tensor([0.5] * 9 + [0.1, 0.2, 0.3, 0.4, 0.05, 0.6, 0.7, 0.8, 0.9, 1.0])
+    kept, groups = stage_v(scores, cells, vit_keep=0.8, cell=5.0)  # prune round(19 * 0.2) + int(19 / 25) = 4
+    # pruned: the 4 lowest (the row end at 0.05, then 0.1, 0.2, 0.3); one tiles cell: rows 0-1, cols 0-4
+    assert [(slot, members.tolist()) for slot, members, _ in groups] == [(11, [9, 10, 11, 13])]
+    torch.testing.assert_close(groups[0][2], torch.tensor([0.1, 0.2, 0.3, 0.05]) / 0.65)
+    assert kept.tolist() == [i for i in range(19) if i not in (9, 10, 13)]
+
+
+def test_video_maps_pooled_like_features_and_kept_jointly_like_the_release():
+    ref = load_reference("video_4frames")
+    pooled = pool_frame_maps(ref["maps"], SIDE, mode="bilinear")
+    scores = video_importance(pooled, newline=True)
+    torch.testing.assert_close(scores, ref["packed_map"], atol=1e-7, rtol=0)
+    features = ref["features"]
+    channels = [pool_frame_maps(features[..., c], SIDE, mode="bilinear") for c in range(features.shape[-1])]
+    features = torch.cat([torch.stack(channels, dim=-1).flatten(0, 1), ref["newline"][None]])
+    torch.testing.assert_close(features, ref["packed_features"], atol=1e-6, rtol=0)
+    kept = video_keep(scores, float(ref["vit_keep"]))
+    assert torch.equal(kept, ref["kept"])
+    assert kept[-1] == scores.numel() - 1  # the newline (importance 1) survives
+    frames = torch.bucketize(kept[:-1], torch.arange(1, 5) * 196, right=True)
+    assert len(set(torch.bincount(frames, minlength=4).tolist())) > 1  # one top-k over all frames, not per frame
+
+
+def test_frame_pooling_modes():
+    maps = torch.arange(16.0).view(1, 16)
+    assert pool_frame_maps(maps, 4, mode="average").tolist() == [[2.5, 4.5, 10.5, 12.5]]
+    assert pool_frame_maps(maps, 4, mode="max").tolist() == [[5.0, 7.0, 13.0, 15.0]]
+    with pytest.raises(vtprune.VTPruneError, match="frame pooling"):
+        pool_frame_maps(maps, 4, mode="nearest")
+
+
+def test_entropy_at_384_px_uses_stride_14_patches_like_the_release():
+    ref = load_reference("entropy_384px")
+    image = ref["small_uint8"].repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)  # [2, 3, 384, 384]
+    pixels = (image.float() / 255 - 0.5) / 0.5  # SigLIP-normalised, 384 = 27 * 14 + 6
+    entropy = patch_entropy(quantize_pixels(pixels, "official", *SIGLIP), patch=14)
+    assert entropy.shape == (2, 729)
+    torch.testing.assert_close(entropy, ref["entropy_official_fp16"], atol=1e-5, rtol=0)
+    raw = patch_entropy(quantize_pixels(pixels, "raw", *SIGLIP), patch=14)
+    torch.testing.assert_close(raw, ref["entropy_unit_range"], atol=1e-5, rtol=0)  # the release on [0, 1] pixels
+    assert float(entropy[0, 0]) == 0.0 and entropy.max() > 3  # flat corner, busy elsewhere

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vtprune
 from tests.helpers import build_tiny_llava, capture_llm_input
+from vtprune.methods.visionzip import anyres_sequence, select_view
+
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reference" / "visionzip_anyres"  # see its README.md
 
 
 def official_tokens(batch, dominant, contextual):
@@ -78,3 +83,33 @@ def test_paper_split_and_budget_errors(tiny_llava, batch):
         capture_llm_input(tiny_llava, batch, vtprune.make("visionzip", keep=17))
     with pytest.raises(vtprune.VTPruneError, match="leaves no room"):
         capture_llm_input(tiny_llava, batch, vtprune.make("visionzip", keep=2, contextual=2))
+
+
+# ----------------------------------------- LLaVA-NeXT anyres against the official code's outputs (see the README)
+@pytest.mark.parametrize("name", ["next_2x2_d54_c10", "next_2wide_1high_d30_c6"])
+def test_anyres_sequence_is_the_official_one(name):
+    ref = torch.load(REFERENCE / f"{name}.pt")
+    dominant, contextual = int(ref["dominant"]), int(ref["contextual"])
+    tiles_wide, tiles_high = ref["tiles_wh"].tolist()
+    selections = [
+        select_view(attention.sum(dim=0), keys, dominant - 1, contextual)  # [CLS] is one of the dominant tokens
+        for attention, keys in zip(ref["cls_attention"], ref["metric"])
+    ]
+    for (top, _, _), official in zip(selections, ref["keep_indices"]):
+        assert torch.equal(top + 1, torch.sort(official[1:]).values)  # the dominant set of every view
+    tokens = anyres_sequence(selections, (tiles_high, tiles_wide), side=24)
+    values = torch.stack([(w[:, None] * ref["hidden"][view, sources]).sum(dim=0) for view, sources, w in tokens])
+    assert values.shape == ref["output"].shape  # base: D + C; tiles: their dominant patches, [CLS]s, contextuals
+    torch.testing.assert_close(values, ref["output"], atol=1e-5, rtol=0)  # values and their order
+    base = dominant + contextual
+    torch.testing.assert_close(values[:base], ref["per_view_output"][0], atol=1e-5, rtol=0)
+    tiles = tiles_high * tiles_wide
+    tile_views = [view for view, _, _ in tokens[base : base + tiles * (dominant - 1)]]
+    assert tile_views != sorted(tile_views)  # the tiles' dominant patches interleave: mosaic raster order
+    assert [view for view, _, _ in tokens[base + tiles * (dominant - 1) :][:tiles]] == list(range(1, tiles + 1))
+
+
+def test_anyres_sequence_checks_the_tile_grid():
+    selection = (torch.tensor([0]), torch.tensor([1]), [torch.tensor([2, 3])])
+    with pytest.raises(vtprune.VTPruneError, match="3 tiles for a 2 x 2 tile grid"):
+        anyres_sequence([selection] * 4, (2, 2), side=2)

@@ -11,7 +11,8 @@ import torch
 
 import vtprune
 from tests.helpers import build_tiny_llava
-from vtprune.adapters.hf_attention import CompressedLayer, cache_bytes
+from vtprune.adapters.decoder import CompressedLayer
+from vtprune.eval.measure import cache_bytes
 from vtprune.methods.zipvl import (
     important_count,
     pack_codes,
@@ -118,7 +119,7 @@ def test_each_layer_keeps_the_smallest_set_holding_tau_of_the_mass(tiny_llava, b
         return hook
 
     layers = tiny_llava.model.language_model.layers
-    with torch.no_grad(), vtprune.make("zipvl", tau=tau, probe="all")(tiny_llava) as trace:
+    with torch.no_grad(), vtprune.make("zipvl", keep=tau, probe="all")(tiny_llava) as trace:
         handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
         tiny_llava(**batch)
         for handle in handles:
@@ -147,7 +148,7 @@ def test_unimportant_rows_get_no_attention_output_even_with_an_output_bias(batch
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     outputs = []
-    with torch.no_grad(), vtprune.make("zipvl", tau=0.8, probe="all")(model) as trace:
+    with torch.no_grad(), vtprune.make("zipvl", keep=0.8, probe="all")(model) as trace:
         handle = model.model.language_model.layers[1].self_attn.register_forward_hook(
             lambda module, args, output: outputs.append(output[0])
         )
@@ -162,7 +163,7 @@ def test_unimportant_rows_get_no_attention_output_even_with_an_output_bias(batch
 
 def test_sparse_attention_is_the_same_on_sdpa_and_eager(tiny_llava, batch):
     eager = build_tiny_llava(seed=0, attn="eager")
-    method = vtprune.make("zipvl", tau=0.9)
+    method = vtprune.make("zipvl", keep=0.9)
     real = batch["attention_mask"].bool()
     with torch.no_grad():
         with method(tiny_llava):
@@ -175,7 +176,7 @@ def test_sparse_attention_is_the_same_on_sdpa_and_eager(tiny_llava, batch):
 def test_model_runs_its_own_attention_again_after_the_block(tiny_llava, batch):
     attn = tiny_llava.model.language_model.layers[0].self_attn
     config = attn.config
-    with vtprune.make("zipvl", tau=0.9)(tiny_llava):
+    with vtprune.make("zipvl", keep=0.9)(tiny_llava):
         assert attn.config._attn_implementation == "vtprune_sparse"
         assert tiny_llava.config.text_config._attn_implementation == "sdpa"
     assert attn.config is config and config._attn_implementation == "sdpa"
@@ -202,7 +203,7 @@ def test_kv_cache_memory_under_each_kv_mode(tiny_llava, batch):
         dense = cache_bytes(tiny_llava(**batch).cache)
         ratios, kept = {}, {}
         for mode in ("full", "drop", "quant"):
-            with vtprune.make("zipvl", tau=0.9, kv_mode=mode)(tiny_llava) as trace:
+            with vtprune.make("zipvl", keep=0.9, kv_mode=mode)(tiny_llava) as trace:
                 cache = tiny_llava(**batch).cache
             ratios[mode] = cache_bytes(cache) / dense
             kept[mode] = trace.forwards[0].sites
@@ -216,7 +217,7 @@ def test_kv_cache_memory_under_each_kv_mode(tiny_llava, batch):
 
 
 def test_decoding_compresses_every_period_new_tokens(tiny_llava, batch):
-    with torch.no_grad(), vtprune.make("zipvl", tau=0.5, decode_period=2)(tiny_llava):
+    with torch.no_grad(), vtprune.make("zipvl", keep=0.5, decode_period=2)(tiny_llava):
         out = tiny_llava.generate(**batch, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     for layer in out.cache.layers:
         assert isinstance(layer, CompressedLayer)
@@ -244,7 +245,7 @@ def test_quantisation_error_is_at_most_half_a_step():
 
 def test_bad_options_are_refused():
     for options, match in [
-        (dict(tau=0.0), "tau"), (dict(probe="first"), "probe"), (dict(kv_mode="evict"), "kv_mode"),
+        (dict(keep=0.0), "keep"), (dict(probe="first"), "probe"), (dict(kv_mode="evict"), "kv_mode"),
         (dict(bits=(3, 2)), "bits"), (dict(normaliser="n"), "normaliser"), (dict(decode_period=0), "decode_period"),
     ]:
         with pytest.raises(vtprune.VTPruneError, match=match):
@@ -256,7 +257,7 @@ def test_zipvl_runs_on_a_onevision_video(tiny_llava):
 
     model = build_tiny_onevision()
     batch = media_batch(model, [[], []], [[3], [3]])
-    with torch.no_grad(), vtprune.make("zipvl", tau=0.9, kv_mode="quant")(model) as trace:
+    with torch.no_grad(), vtprune.make("zipvl", keep=0.9, kv_mode="quant")(model) as trace:
         out = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape[1] == batch["input_ids"].shape[1] + 3
     counts = [r.notes for r in trace.forwards[0].sites]

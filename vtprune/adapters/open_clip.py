@@ -22,20 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import kernels
 from ..core.adapter import Adapter, register_adapter
 from ..core.attention import attention_rows
 from ..core.errors import UnsupportedModelError, VTPruneError
 from ..core.layout import VisualLayout, VisualSpan
 from ..core.method import SiteContext
-from ..core.session import ForwardRecord
+from ..core.cut import compile_cut
 from ..core.signals import ClsAttention, ModelInfo, PixelValues
-from .cuts import merge_planned, site_records
-from .hf_decoder import _kwarg
+from ..core.trace import ForwardRecord, site_records
+from ..kernels import apply_cut
+from .common import kwarg
 
 if TYPE_CHECKING:
     from ..core.method import Method
-    from ..core.session import Trace
+    from ..core.trace import Trace
 
 
 def vision_transformer(model: nn.Module) -> nn.Module | None:
@@ -166,7 +166,7 @@ class OpenClipAdapter(Adapter):
 
     # -------------------------------------------------------------------------------------------------- hooks
     def _on_tower_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        pixels = _kwarg(args, kwargs, "input", 0)
+        pixels = kwarg(args, kwargs, "input", 0)
         patches = self.grid[0] * self.grid[1]
         patch_index = torch.arange(patches)
         spans = [[VisualSpan(image=i, start=1, patch_index=patch_index, grid=self.grid)] for i in range(pixels.shape[0])]
@@ -179,7 +179,7 @@ class OpenClipAdapter(Adapter):
     def _capture(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             state = self._current(f"block {index}")
-            x = _kwarg(args, kwargs, "query", 0)
+            x = kwarg(args, kwargs, "query", 0)
             x = x if module.batch_first else x.transpose(0, 1)  # [N, T, D]
             self._check_length(x, state, f"block {index}")
             with torch.no_grad():
@@ -238,21 +238,15 @@ class OpenClipAdapter(Adapter):
         state.stage += 1
         with torch.no_grad():
             plan = self.method.plan(ctx)
-        plan.validate(layout)
+        cut = compile_cut(plan, layout)  # per image: [CLS] and the kept visual tokens, ascending
         state.record.sites.extend(site_records(ctx, plan))
-        if any(plan.merges):
-            x = merge_planned(x, plan, layout)
-        keep = plan.keep_positions(layout)  # per image: [CLS] and the kept visual tokens, ascending
-        lengths = sorted({int(k.numel()) - 1 for k in keep})
+        lengths = sorted({len(k) - 1 for k in cut.keep})
         if len(lengths) > 1:
             raise VTPruneError(
                 f"method {self.method.name!r} kept {lengths[0]}..{lengths[-1]} tokens in different images of one batch; "
                 "a cut inside the open_clip encoder needs the same count for every image"
             )
-        index = torch.stack(keep)  # [N, T']
-        x = kernels.gather_sequence(x, index.to(x.device), torch.ones_like(index, dtype=torch.bool, device=x.device))
-        new_position = torch.zeros(layout.batch_size, layout.seq_len, dtype=torch.long)
-        new_position.scatter_(1, index, torch.arange(index.shape[1]).expand_as(index).contiguous())
-        state.layout = layout.after_keep(plan.keep, list(new_position), index.shape[1])
+        x, _, _ = apply_cut(cut, x)
+        state.layout = cut.layout
         state.patch_index = torch.stack([spans[0].patch_index for spans in state.layout.spans])
         return x

@@ -32,11 +32,12 @@ from ..core.adapter import Adapter, register_adapter
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout, VisualSpan
 from ..core.signals import ModelInfo, PrefillKV, QueryAttention
-from .hf_decoder import DecoderCutter, _kwarg, prompt_input_ids
+from .common import call_arguments, continues_cache, kwarg, media_in_call, placeholder_mask, token_runs
+from .decoder import DecoderCutter
 
 if TYPE_CHECKING:
     from ..core.method import Method
-    from ..core.session import Trace
+    from ..core.trace import Trace
 
 
 def extent_lost(rope: Tensor, layout: VisualLayout, keep: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -70,7 +71,7 @@ class MRopeCutter(DecoderCutter):
         return self.lm.rotary_emb(hidden, positions[-3:])
 
     @staticmethod
-    def _expand_positions(positions: Tensor, batch: int) -> Tensor:
+    def expand_positions(positions: Tensor, batch: int) -> Tensor:
         if positions.dim() < 3:  # plain positions: the same for t, h and w, as the language model reads them
             positions = positions.view(1, -1, positions.shape[-1]).expand(3, -1, -1)
         return positions.expand(positions.shape[0], batch, positions.shape[-1])
@@ -128,7 +129,7 @@ class QwenVLAdapter(Adapter):
             patch_size=vision.patch_size * self.merge,  # pixels per side of one visual token
         )
         self.cutter = MRopeCutter(self, self.language_model)
-        self._input_ids: Tensor | None = None
+        self._is_image: Tensor | None = None
         self._grids: Tensor | None = None
 
     @property
@@ -138,29 +139,31 @@ class QwenVLAdapter(Adapter):
     def attach(self, method: "Method", trace: "Trace") -> None:
         self.hook(self.model.model.visual, self._on_vision)
         self.hook(self.model.model, self._on_model)
-        requests = method.requests(self.info)
-        self.cutter.attach(method, trace, [r for r in requests if isinstance(r, QueryAttention)])
+        self.cutter.attach(method, trace, method.requests(self.info))
         self.on_detach(self._forget)
 
     def _forget(self) -> None:
-        self._input_ids = self._grids = None
+        self._is_image = self._grids = None
 
     # ------------------------------------------------------------------------------------------- layout
     def _on_vision(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """generate() encodes the images before the prefill and passes no grid to the model: remember it here."""
-        self._grids = _kwarg(args, kwargs, "grid_thw", 1)
+        self._grids = kwarg(args, kwargs, "grid_thw", 1)
 
     def _on_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        input_ids = prompt_input_ids(args, kwargs, self.image_token_id)
-        if kwargs.get("pixel_values_videos") is not None or bool((input_ids == self.video_token_id).any()):
+        arguments = call_arguments(module.forward, args, kwargs)
+        if continues_cache(arguments):
+            self._is_image = None
+            return
+        media = media_in_call(arguments)
+        if "video" in media:
             raise VTPruneError("the qwen2-vl adapter prunes images (screenshots), not videos; pass images only")
-        self._input_ids = input_ids
-        if kwargs.get("image_grid_thw") is not None:
-            self._grids = kwargs["image_grid_thw"]
+        self._is_image = placeholder_mask(self.model.model, arguments, self.image_token_id, "image" in media)
+        if arguments.get("image_grid_thw") is not None:
+            self._grids = arguments["image_grid_thw"]
 
-    def layout(self, input_ids: Tensor, image_grid_thw: Tensor | None) -> VisualLayout:
+    def layout(self, is_image: Tensor, image_grid_thw: Tensor | None) -> VisualLayout:
         """One span per image, in prompt order; image i has image_grid_thw[i] // (1, merge, merge) tokens."""
-        is_image = (input_ids == self.image_token_id).cpu()
         grids = [] if image_grid_thw is None else [tuple(int(x) for x in row) for row in image_grid_thw.cpu()]
         if int(is_image.sum()) and not grids:
             raise VTPruneError(
@@ -170,10 +173,7 @@ class QwenVLAdapter(Adapter):
         spans, image = [], 0
         for row in is_image:
             sample = []
-            positions = row.nonzero().squeeze(1)
-            breaks = (positions[1:] != positions[:-1] + 1).nonzero().squeeze(1) + 1
-            for run in torch.tensor_split(positions, breaks) if positions.numel() else []:
-                start, end = int(run[0]), int(run[-1]) + 1
+            for start, end in token_runs(row):
                 while start < end:
                     if image >= len(grids):
                         raise VTPruneError(f"the prompt holds more image tokens than the {len(grids)} images given")
@@ -191,14 +191,13 @@ class QwenVLAdapter(Adapter):
                     start += count
                     image += 1
             spans.append(sample)
-        return VisualLayout(spans=spans, seq_len=input_ids.shape[1])
+        return VisualLayout(spans=spans, seq_len=is_image.shape[1])
 
     def take_layout(self, batch: int, length: int) -> VisualLayout:
-        input_ids, grids = self._input_ids, self._grids
-        self._input_ids = self._grids = None
-        if input_ids is None or tuple(input_ids.shape) != (batch, length):
+        is_image, self._is_image = self._is_image, None
+        if is_image is None or tuple(is_image.shape) != (batch, length):
             raise VTPruneError("vtprune could not match the language model input to the prompt's image tokens")
-        return self.layout(input_ids, grids)
+        return self.layout(is_image, self._grids)
 
     def vision_signals(self, layout: VisualLayout) -> dict[Any, Any]:
         return {}

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..core.method import Method
-from ..core.session import Trace
+from ..core.trace import Trace
 
 INSTRUCTIONS = """You operate a computer through its screen. Given the task, the actions taken so far and screenshots,
 choose the next action.

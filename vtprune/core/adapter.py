@@ -1,4 +1,9 @@
-"""Adapters hook methods into one model family. This base class owns hook bookkeeping and restoring the model."""
+"""Adapters hook methods into one model family. This base class owns hook bookkeeping and restoring the model.
+
+Every hook an adapter installs runs only while its session is active in the calling context (see
+`vtprune.core.session`): other threads calling the model meanwhile run it dense. A model copied (`copy.deepcopy`) or
+pickled while a session is open is copied without the session: its copies of the hooks do nothing.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,31 @@ from .signals import ModelInfo
 
 if TYPE_CHECKING:
     from .method import Method
-    from .session import Trace
+    from .trace import Trace
+
+
+def _inert(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class SessionHook:
+    """A forward (pre-)hook that runs `fn` only while `active()`; copies and pickles of it are inert."""
+
+    def __init__(self, fn: Callable, active: Callable[[], bool]) -> None:
+        self.fn, self.active = fn, active
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs) if self.active() else None
+
+    def __deepcopy__(self, memo: dict) -> Callable:
+        return _inert
+
+    def __reduce__(self) -> tuple:
+        return (_inert_hook, ())
+
+
+def _inert_hook() -> Callable:
+    return _inert
 
 
 class Adapter(ABC):
@@ -22,6 +51,7 @@ class Adapter(ABC):
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.active: Callable[[], bool] = lambda: True  # set by the session: is it active in the calling context?
         self._handles: list[Any] = []
         self._restores: list[Callable[[], None]] = []
 
@@ -55,11 +85,12 @@ class Adapter(ABC):
                 )
 
     def hook(self, module: nn.Module, fn: Callable, *, pre: bool = True) -> None:
-        """Register a forward (pre-)hook with kwargs, removed again by `detach`."""
+        """Register a forward (pre-)hook with kwargs, active only in the session's context, removed by `detach`."""
+        hook = SessionHook(fn, lambda: self.active())
         if pre:
-            handle = module.register_forward_pre_hook(fn, with_kwargs=True)
+            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
         else:
-            handle = module.register_forward_hook(fn, with_kwargs=True)
+            handle = module.register_forward_hook(hook, with_kwargs=True)
         self._handles.append(handle)
 
     def on_detach(self, restore: Callable[[], None]) -> None:
@@ -77,6 +108,8 @@ _ADAPTERS: list[type[Adapter]] = []
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    if any(existing.family == cls.family for existing in _ADAPTERS):
+        raise UnsupportedModelError(f"an adapter for the family {cls.family!r} is already registered")
     _ADAPTERS.append(cls)
     return cls
 

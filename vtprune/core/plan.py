@@ -46,21 +46,36 @@ class KeepPlan:
     notes: dict[str, Any] = field(default_factory=dict)  # anything the method reports for the trace
 
     def validate(self, layout: VisualLayout) -> None:
+        """Refuse a plan that does not fit `layout`: kept ordinals in range, strictly ascending (sorted, unique); merge
+        slots kept, each slot merged once, sequence-space sources in range, weights one per source; `order` a
+        permutation of the kept ordinals within each image."""
         if len(self.keep) != layout.batch_size:
             raise VTPruneError(f"plan has {len(self.keep)} samples, the batch has {layout.batch_size}")
+        if self.merges and len(self.merges) != layout.batch_size:
+            raise VTPruneError(f"plan has merges for {len(self.merges)} samples, the batch has {layout.batch_size}")
         for b, kept in enumerate(self.keep):
             n = layout.num_visual(b)
+            if kept.dim() != 1 or kept.dtype not in (torch.int64, torch.int32):
+                raise VTPruneError(f"plan's kept ordinals of sample {b} must be a 1-D integer tensor")
             if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= n):
                 raise VTPruneError(f"plan keeps ordinals outside 0..{n - 1} in sample {b}")
             if kept.numel() > 1 and not bool((kept[1:] > kept[:-1]).all()):
-                raise VTPruneError(f"plan's kept ordinals of sample {b} are not strictly ascending")
+                raise VTPruneError(f"plan's kept ordinals of sample {b} are not strictly ascending (sorted, unique)")
         for b, merges in enumerate(self.merges):
-            kept = set(self.keep[b].tolist())
+            kept, slots, n = set(self.keep[b].tolist()), set(), layout.num_visual(b)
             for merge in merges:
                 if merge.slot not in kept:
                     raise VTPruneError(f"merge slot {merge.slot} of sample {b} is not a kept token")
+                if merge.slot in slots:
+                    raise VTPruneError(f"merge slot {merge.slot} of sample {b} is merged into twice")
+                slots.add(merge.slot)
                 if merge.space not in ("sequence", "encoder"):
                     raise VTPruneError(f"merge space {merge.space!r}: use 'sequence' or 'encoder'")
+                sources = merge.sources
+                if sources.dim() != 1 or merge.weights.shape != sources.shape or not sources.numel():
+                    raise VTPruneError(f"merge into slot {merge.slot} of sample {b} needs [m] sources and [m] weights")
+                if merge.space == "sequence" and (int(sources.min()) < 0 or int(sources.max()) >= n):
+                    raise VTPruneError(f"merge into slot {merge.slot} of sample {b} draws on ordinals outside 0..{n - 1}")
         for b, order in enumerate(self.order or []):
             kept = self.keep[b].cpu()
             if not torch.equal(torch.sort(order.cpu()).values, kept):
@@ -106,12 +121,3 @@ def keep_heads(layout: VisualLayout, heads: list[Tensor], scores: list[Tensor] |
 
 def keep_all(layout: VisualLayout) -> KeepPlan:
     return KeepPlan(keep=[torch.arange(layout.num_visual(b)) for b in range(layout.batch_size)])
-
-
-def per_image(layout: VisualLayout, scores: list[Tensor], count: "callable") -> KeepPlan:
-    """Top-`count(span, n)` tokens of every span by `scores[b]` (one score per visual ordinal of sample b)."""
-    keep = []
-    for b in range(layout.batch_size):
-        kept = [top_k(scores[b][sl], count(span, span.length)) + sl.start for span, sl in layout.ordinal_slices(b)]
-        keep.append(torch.cat(kept).cpu() if kept else torch.zeros(0, dtype=torch.long))
-    return KeepPlan(keep=keep, scores=[s.detach().float().cpu() for s in scores])

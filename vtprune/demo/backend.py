@@ -23,7 +23,7 @@ from PIL import Image
 
 import vtprune
 
-from ..cli import parse_keep, parse_options
+from .. import core
 from ..core.errors import VTPruneError
 from ..core.method import Method, method_class
 from ..eval.memory import peak_tensor_bytes
@@ -81,10 +81,10 @@ def parse_budget(text: str) -> int | float | None:
     text = (text or "").strip()
     if not text:
         return None
-    try:
-        return parse_keep(text)
-    except ValueError:
-        raise VTPruneError(f"budget {text!r}: give visual tokens per image (e.g. 64) or a ratio (e.g. 0.25)") from None
+    budget = core.parse_budget(text)
+    if isinstance(budget, str):
+        raise VTPruneError(f"budget {text!r}: give visual tokens per image (e.g. 64) or a ratio (e.g. 0.25)")
+    return budget
 
 
 def parse_option_text(text: str) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def parse_option_text(text: str) -> dict[str, Any]:
     bad = [p for p in pairs if "=" not in p]
     if bad:
         raise VTPruneError(f"options are name=value pairs, e.g. start_layer=2; cannot read {bad[0]!r}")
-    return parse_options([re.sub(r"\s*=\s*", "=", p, count=1) for p in pairs])
+    return core.parse_pairs([re.sub(r"\s*=\s*", "=", p, count=1) for p in pairs])
 
 
 def option_fields(name: str) -> dict[str, Any]:
@@ -104,19 +104,18 @@ def option_fields(name: str) -> dict[str, Any]:
 def build_methods(
     names: list[str], budget: int | float | None, options: dict[str, Any], preset: str | None
 ) -> tuple[list[Method], list[str]]:
-    """The methods to run and notes for the user. The budget goes to every method with a `keep` option; the others
-    run with their own budget options, and a note says so."""
+    """The methods to run and notes for the user. The budget (visual tokens per image) goes to every method whose budget
+    counts visual tokens; the others run at their own budget, and a note says what it counts."""
     if not names:
         raise VTPruneError("choose at least one method")
     methods, notes = [], []
     for name in names:
-        fields = option_fields(name)
-        extra = {"keep": budget} if budget is not None and "keep" in fields else {}
-        if budget is not None and "keep" not in fields:
-            own = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in fields.items()
-                            if "keep" in k or k in ("budget", "tau"))
-            notes.append(f"{name} has no per-image budget; it runs with its own options ({own or 'defaults'})")
-        methods.append(vtprune.make(name, preset=preset or None, **{**options, **extra}))
+        kind = core.method_class(name).budget_kind
+        extra = {"keep": budget} if budget is not None and kind is core.VISUAL_TOKENS else {}
+        method = vtprune.make(name, preset=preset or None, **{**options, **extra})
+        if budget is not None and not extra:
+            notes.append(f"{name}'s budget counts {kind.unit}; it runs at its own keep={method.keep}")
+        methods.append(method)
     return methods, notes
 
 

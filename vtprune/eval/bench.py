@@ -33,9 +33,8 @@ import torch
 from tqdm import tqdm
 
 import vtprune
-from vtprune.core import method_class
+from vtprune.core import VISUAL_TOKENS, budget_argument, make_at, method_class, parse_method_spec
 
-from ..cli import parse_keep, parse_options
 from .flops import llm_flops, visual_tokens_per_layer
 from .measure import cache_bytes
 from .memory import peak_memory_bytes
@@ -98,21 +97,18 @@ def load_shape(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, di
     return model, {k: v.to(args.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
 
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """`fastv:layer=2,scope=sample` -> ("fastv", {"layer": 2, "scope": "sample"})."""
-    name, _, options = spec.partition(":")
-    return name, parse_options(options.split(",")) if options else {}
-
-
-def method_grid(specs: list[str], budgets: list[int | float]) -> list[tuple[str, Any, Any]]:
-    """(name, budget, method) per grid cell: each budget as `keep` for methods that have one and no preset; a method
-    with a preset (its budget) or without a `keep` option runs once, its budget column the preset (or "—")."""
+def method_grid(specs: list[str], budgets: list[int | float | str]) -> list[tuple[str, Any, Any]]:
+    """(name, budget, method) per grid cell: a method whose budget counts visual tokens runs at every budget, unless
+    its spec fixes one (`keep=` or `preset=`); any other method (its budget counts cache entries or attention mass)
+    runs once, its budget column its `keep` (or the preset)."""
     grid = []
-    for name, options in map(parse_method, specs):
-        if "preset" in options or "keep" in options or "keep" not in {f.name for f in fields(method_class(name))}:
-            grid.append((name, options.get("preset", options.get("keep", "—")), vtprune.make(name, **options)))
+    for name, options in map(parse_method_spec, specs):
+        cls = method_class(name)
+        if "preset" in options or "keep" in options or cls.budget_kind is not VISUAL_TOKENS:
+            method = vtprune.make(name, **options)
+            grid.append((name, options.get("preset", method.keep), method))
         else:
-            grid += [(name, keep, vtprune.make(name, keep=keep, **options)) for keep in budgets]
+            grid += [(name, keep, make_at(name, keep, **options)) for keep in budgets]
     return grid
 
 
@@ -302,7 +298,7 @@ def add_bench(subparsers: Any) -> None:
     p.add_argument("--models", "--model", nargs="+", default=[LLAVA_15_7B],
                    help=f"{LLAVA_15_7B} (random weights), toy, or a local path / hub id")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="NAME or NAME:opt=value,opt=value")
-    p.add_argument("--budgets", nargs="+", type=parse_keep, default=[64, 128, 192], help="keep values (int or ratio)")
+    p.add_argument("--budgets", nargs="+", type=budget_argument, default=[64, 128, 192], help="keep values (int or ratio)")
     p.add_argument("--llm-layers", type=int, default=32, help=f"{LLAVA_15_7B}: decoder layers")
     p.add_argument("--llm-hidden", type=int, default=4096, help=f"{LLAVA_15_7B}: LM width (heads of 128)")
     p.add_argument("--vision-layers", type=int, default=24, help=f"{LLAVA_15_7B}: vision encoder layers")

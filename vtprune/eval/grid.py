@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..cli import parse_keep, parse_options
+from ..core import budget_argument, parse_pairs
 from .bench import method_grid
 from .toy_vqa import TASK_DIR
 
@@ -83,7 +83,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     grid = method_grid(args.methods, args.budgets)  # a bad method or option fails before the model loads
     model_class = VTPrune if args.force_simple else VTPruneChat
-    lm = model_class(base=args.base, pretrained=args.pretrained, device=args.device, **parse_options(args.model_arg))
+    lm = model_class(base=args.base, pretrained=args.pretrained, device=args.device, **parse_pairs(args.model_arg, "--model-arg"))
     lm.release_after_run = False  # every cell reuses the loaded model
     tasks = TaskManager(include_path=args.include_path or str(TASK_DIR), include_defaults=False)
     if not set(args.tasks) <= set(tasks.all_tasks):  # indexing lmms-eval's own tasks takes a while: only if needed
@@ -124,7 +124,7 @@ def add_eval(subparsers: Any) -> None:
     p.add_argument("--pretrained", default="toy", help="hub id or local path; 'toy' is the embedded model")
     p.add_argument("--methods", nargs="+", default=["vtc-cls", "fastv:layer=2"],
                    help="NAME or NAME:opt=value,...; a method with a preset (NAME:preset=P) runs once")
-    p.add_argument("--budgets", nargs="+", type=parse_keep, default=[64, 128])
+    p.add_argument("--budgets", nargs="+", type=budget_argument, default=[64, 128])
     p.add_argument("--tasks", nargs="+", default=["vtprune_toy_vqa"])
     p.add_argument("--include-path", help="lmms-eval task folder (default: vtprune's tasks)")
     p.add_argument("--limit", type=float, help="documents per task (lmms-eval --limit)")

@@ -61,5 +61,12 @@ class RequestMeter:
 
 
 def cache_bytes(cache: Any) -> int:
-    """Bytes held by the keys and values of a transformers cache (layers may hold different lengths)."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+    """Bytes held by the keys and values of a transformers cache (layers may hold different lengths; compressed layers
+    count their codes and quantisation parameters)."""
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "nbytes"):
+            total += layer.nbytes
+        else:
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+    return total

@@ -1,4 +1,9 @@
-"""Plain torch compaction ops: the reference path, used on every device without Triton."""
+"""Plain torch compaction ops: the reference path, used on every device without Triton and whenever gradients flow.
+
+Without gradients the gathers write into preallocated outputs (`index_select(out=...)`, far cheaper on the CPU than
+`torch.gather` with an expanded index); with gradients they use differentiable indexing, so gradients flow back to
+the kept tokens (and, through `merge_tokens`, to every merged source with its weight).
+"""
 
 from __future__ import annotations
 
@@ -8,49 +13,17 @@ import torch
 from torch import Tensor
 
 
-def left_padded_index(keep: Sequence[Tensor], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """Ragged per-sample keep lists -> a padded gather index.
-
-    keep[b]: ascending positions of sample b to keep. Returns index [B, L'] and valid [B, L'] (bool), L' = max length;
-    kept tokens are right-aligned (left padding), so the last token of every sample stays last.
-    """
-    length = max((int(k.numel()) for k in keep), default=0)
-    index = torch.zeros(len(keep), length, dtype=torch.long, device=device)
-    valid = torch.zeros(len(keep), length, dtype=torch.bool, device=device)
-    for b, kept in enumerate(keep):
-        n = int(kept.numel())
-        if n:
-            index[b, length - n :] = kept.to(device=device, dtype=torch.long)
-            valid[b, length - n :] = True
-    return index, valid
-
-
-def left_padded_heads(keep: Sequence[Tensor], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """Ragged per-sample, per-head keep lists -> a padded per-head gather index.
-
-    keep[b]: [H, C_b] positions of sample b kept by each head (every head keeps C_b). Returns index [B, H, C] and
-    valid [B, C] (bool), C = max C_b; kept entries are right-aligned (left padding), padding slots point at position 0.
-    """
-    heads = {int(k.shape[0]) for k in keep}
-    if len(heads) > 1:
-        raise ValueError(f"every sample must keep entries for the same number of heads, got {sorted(heads)}")
-    length = max((int(k.shape[1]) for k in keep), default=0)
-    index = torch.zeros(len(keep), heads.pop() if heads else 0, length, dtype=torch.long, device=device)
-    valid = torch.zeros(len(keep), length, dtype=torch.bool, device=device)
-    for b, kept in enumerate(keep):
-        n = int(kept.shape[1])
-        if n:
-            index[b, :, length - n :] = kept.to(device=device, dtype=torch.long)
-            valid[b, length - n :] = True
-    return index, valid
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def gather_sequence(x: Tensor, index: Tensor, valid: Tensor, dim: int = 1) -> Tensor:
     """x: batch at dim 0, sequence at `dim`. Returns x gathered along `dim` by index [B, L']; invalid slots are 0."""
     shape = [1] * x.dim()
     shape[0], shape[dim] = index.shape
-    # one index_select per sample, written in place: on CPU far cheaper than torch.gather with an index expanded over
-    # the other dims (and than fresh intermediate tensors)
+    if _needs_grad(x):
+        out = torch.stack([torch.index_select(x[b], dim - 1, index[b]) for b in range(x.shape[0])])
+        return out if bool(valid.all()) else out.masked_fill(~valid.view(shape), 0)
     out = x.new_empty(*[s if i != dim else index.shape[1] for i, s in enumerate(x.shape)])
     for b in range(x.shape[0]):
         torch.index_select(x[b], dim - 1, index[b], out=out[b])
@@ -60,31 +33,33 @@ def gather_sequence(x: Tensor, index: Tensor, valid: Tensor, dim: int = 1) -> Te
 
 
 def compact_sequence(
-    hidden: Tensor, positions: Tensor, mask: Tensor, index: Tensor, valid: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gather hidden [B, L, D], positions [B, L] or [P, B, L] and mask [B, L] to the kept tokens."""
+    hidden: Tensor, positions: Tensor | None, mask: Tensor | None, index: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gather hidden [B, L, D], positions [B, L] or [P, B, L] and mask [B, L] (both optional) to the kept tokens."""
     hidden = gather_sequence(hidden, index, valid, dim=1)
-    if positions.dim() == 3:
+    if positions is not None and positions.dim() == 3:
         positions = gather_sequence(positions.transpose(0, 1), index, valid, dim=2).transpose(0, 1)
-    else:
+    elif positions is not None:
         positions = gather_sequence(positions, index, valid, dim=1)
-    mask = gather_sequence(mask, index, valid, dim=1)
+    if mask is not None:
+        mask = gather_sequence(mask, index, valid, dim=1)
     return hidden, positions, mask
 
 
 def compact_cache(layers: Sequence[tuple[Tensor, Tensor]], index: Tensor, valid: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Gather each layer's keys and values [B, H, L, d] along the sequence to the kept tokens."""
-    return [(gather_sequence(k, index, valid, dim=2), gather_sequence(v, index, valid, dim=2)) for k, v in layers]
-
-
-def compact_cache_heads(keys: Tensor, values: Tensor, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Gather one layer's keys and values [B, H, L, d] per head: index [B, H, C], valid [B, C] (padding slots are 0)."""
-    expanded = index[..., None].expand(*index.shape, keys.shape[-1])
+    """Gather each layer's keys and values [B, H, L, d] along the sequence: index [B, L'] (every head keeps the same
+    positions) or [B, H, L'] (per head); valid [B, L'] (padding slots are 0)."""
+    if index.dim() == 2:
+        return [(gather_sequence(k, index, valid, dim=2), gather_sequence(v, index, valid, dim=2)) for k, v in layers]
     keep = valid[:, None, :, None]
-    return (
-        torch.gather(keys, 2, expanded).masked_fill(~keep, 0),
-        torch.gather(values, 2, expanded).masked_fill(~keep, 0),
-    )
+    out = []
+    for keys, values in layers:
+        expanded = index[..., None].expand(*index.shape, keys.shape[-1])
+        out.append((
+            torch.gather(keys, 2, expanded).masked_fill(~keep, 0),
+            torch.gather(values, 2, expanded).masked_fill(~keep, 0),
+        ))
+    return out
 
 
 def merge_tokens(
@@ -102,6 +77,6 @@ def merge_tokens(
     segment = torch.repeat_interleave(torch.arange(slot.numel(), device=x.device), counts)
     rows = x[batch[segment], sources].float() * weights.float()[:, None]  # [E, D]
     sums = torch.zeros(slot.numel(), x.shape[-1], dtype=torch.float32, device=x.device)
-    sums.index_add_(0, segment, rows)
+    sums = sums.index_add(0, segment, rows)
     out[batch, slot] = sums.to(x.dtype)
     return out

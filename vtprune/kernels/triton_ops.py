@@ -61,7 +61,7 @@ def _compact_sequence_kernel(
     hidden, positions, mask, index, valid, out_hidden, out_positions, out_mask,
     B, L_out, D, P,
     s_hb, s_hl, s_hd, s_pp, s_pb, s_pl, s_mb, s_ml, s_ib, s_il, s_vb, s_vl,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid: (B * cdiv(L_out, BLOCK_T), cdiv(D, BLOCK_D)). One program: BLOCK_T output slots of one sample x BLOCK_D
     # hidden channels; programs of the first channel block also gather those slots' positions and mask.
@@ -80,43 +80,53 @@ def _compact_sequence_kernel(
         for p in range(P):
             pos = tl.load(positions + p * s_pp + b * s_pb + src * s_pl, mask=keep, other=0)
             tl.store(out_positions + (p * B + b) * L_out + t, pos, mask=in_range)
-        flags = tl.load(mask + b * s_mb + src * s_ml, mask=keep, other=0)
-        tl.store(out_mask + b * L_out + t, flags, mask=in_range)
+        if HAS_MASK:
+            flags = tl.load(mask + b * s_mb + src * s_ml, mask=keep, other=0)
+            tl.store(out_mask + b * L_out + t, flags, mask=in_range)
 
 
 def compact_sequence(
-    hidden: Tensor, positions: Tensor, mask: Tensor, index: Tensor, valid: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gather hidden [B, L, D], positions [B, L] or [P, B, L], mask [B, L] by index/valid [B, L'] in one launch."""
+    hidden: Tensor, positions: Tensor | None, mask: Tensor | None, index: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gather hidden [B, L, D], positions [B, L] or [P, B, L] and mask [B, L] (both optional) by index/valid [B, L']
+    in one launch."""
     batch, _, width = hidden.shape
     length = index.shape[1]
-    pos3 = positions if positions.dim() == 3 else positions.unsqueeze(0)  # [P, B, L]
+    pos3 = index.new_zeros(0, batch, 1) if positions is None else (
+        positions if positions.dim() == 3 else positions.unsqueeze(0)
+    )  # [P, B, L]
+    mask_in = valid if mask is None else mask
     out_hidden = hidden.new_empty(batch, length, width)
     out_positions = pos3.new_empty(pos3.shape[0], batch, length)
-    out_mask = mask.new_empty(batch, length)
+    out_mask = mask_in.new_empty(batch, length)
     if batch * length:
         block_d = min(triton.next_power_of_2(max(width, 1)), 1024)
         block_t = _block_t(length, block_d)
-        mask_in, valid_in = _as_bytes(mask), _as_bytes(valid)
+        mask_bytes, valid_in = _as_bytes(mask_in), _as_bytes(valid)
         grid = (batch * triton.cdiv(length, block_t), triton.cdiv(max(width, 1), block_d))
         _jit(_compact_sequence_kernel)[grid](
-            hidden, pos3, mask_in, index, valid_in, out_hidden, out_positions, _as_bytes(out_mask),
+            hidden, pos3, mask_bytes, index, valid_in, out_hidden, out_positions, _as_bytes(out_mask),
             batch, length, width, pos3.shape[0],
-            *hidden.stride(), *pos3.stride(), *mask_in.stride(), *index.stride(), *valid_in.stride(),
-            BLOCK_T=block_t, BLOCK_D=block_d,
+            *hidden.stride(), *pos3.stride(), *mask_bytes.stride(), *index.stride(), *valid_in.stride(),
+            HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_D=block_d,
         )
-    return out_hidden, out_positions if positions.dim() == 3 else out_positions[0], out_mask
+    if positions is None:
+        out_pos = None
+    else:
+        out_pos = out_positions if positions.dim() == 3 else out_positions[0]
+    return out_hidden, out_pos, None if mask is None else out_mask
 
 
 # ---------------------------------------------------------------------------------------------- compact_cache
 def _compact_cache_kernel(
     src_table, dst_table, index, valid,
     B, H, L_out, D,
-    s_b, s_h, s_l, s_d, s_ib, s_il, s_vb, s_vl,
+    s_b, s_h, s_l, s_d, s_ib, s_ih, s_il, s_vb, s_vl,
     ELEMENT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid: (N * B * H, cdiv(L_out, BLOCK_T)) for N tensors [B, H, L, D] (every layer's K and V). One program: BLOCK_T
     # output slots x all D channels of one (tensor, sample, head). src_table/dst_table [N]: int64 base addresses.
+    # index [B, H, L_out] with head stride s_ih (0 when every head keeps the same positions).
     pid = tl.program_id(0)
     tensor = pid // (B * H)
     b = ((pid // H) % B).to(tl.int64)
@@ -128,7 +138,7 @@ def _compact_cache_kernel(
         dst_ptr = tl.multiple_of(dst_ptr, 16)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] output slots
     in_range = t < L_out
-    src = tl.load(index + b * s_ib + t * s_il, mask=in_range, other=0).to(tl.int64)  # [BLOCK_T] source tokens
+    src = tl.load(index + b * s_ib + h * s_ih + t * s_il, mask=in_range, other=0).to(tl.int64)  # [BLOCK_T]
     keep = in_range & (tl.load(valid + b * s_vb + t * s_vl, mask=in_range, other=0) != 0)
     d = tl.arange(0, BLOCK_D)
     rows = src_ptr + b * s_b + h * s_h + src[:, None] * s_l + d[None, :] * s_d  # [BLOCK_T, BLOCK_D]
@@ -138,9 +148,9 @@ def _compact_cache_kernel(
 
 
 def _launch_cache(sources: list[Tensor], index: Tensor, valid: Tensor) -> list[Tensor]:
-    """Gather tensors [B, H, L, D] of one shape, strides and element size along L, in one launch."""
+    """Gather tensors [B, H, L, D] of one shape, strides and element size along L, in one launch; index [B, H, L']."""
     batch, heads, _, width = sources[0].shape
-    length = index.shape[1]
+    length = index.shape[-1]
     outputs = [torch.empty(batch, heads, length, width, dtype=x.dtype, device=x.device) for x in sources]
     if batch * heads * length == 0:
         return outputs
@@ -161,8 +171,11 @@ def _launch_cache(sources: list[Tensor], index: Tensor, valid: Tensor) -> list[T
 
 
 def compact_cache(layers: Sequence[tuple[Tensor, Tensor]], index: Tensor, valid: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Gather every layer's keys and values [B, H, L, d] along L; one launch per distinct (shape, strides, size)."""
+    """Gather every layer's keys and values [B, H, L, d] along L by index [B, L'] (every head alike) or [B, H, L'] (per
+    head); one launch per distinct (shape, strides, element size)."""
     tensors = [x for pair in layers for x in pair]  # K0, V0, K1, V1, ...
+    if tensors and index.dim() == 2:  # the same positions for every head: a head stride of 0
+        index = index[:, None, :].expand(index.shape[0], tensors[0].shape[1], index.shape[1])
     if interpreting() and any(x.device.type != "cpu" for x in tensors):
         raise RuntimeError("the Triton interpreter reads the pointer table on the host: use CPU tensors with it")
     groups: dict[tuple, list[int]] = {}

@@ -15,7 +15,7 @@ paper's method), where an unchanged screenshot is exactly redundant in the first
 Grouped-query models (`gqa_reduce`): scores are per query head; "first" keeps the selection of each KV group's first
 query head (OpenCUA path), "mean"/"max" reduce the group's scores, and "expand" repeats K/V to the query heads before
 the attention so the cache holds one head per query head (UI-TARS path, H/H_kv times the memory at the same budget).
-Spec: /work/shared/methods/gui_kv.md (implemented from the specification; the official code is CC BY-NC).
+See docs/methods/gui-kv.md (implemented from the paper and a specification; the official code is CC BY-NC).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import KeepPlan, LayerKV, Method, ModelInfo, PrefillKV, SiteContext, VTPruneError, keep_count, keep_heads, register
+from ..core import CACHE_ENTRIES, KeepPlan, LayerKV, Method, ModelInfo, PrefillKV, SiteContext, VTPruneError, keep_count, keep_heads, register
 
 
 def window_attention(queries: Tensor, keys: Tensor) -> Tensor:
@@ -147,6 +147,7 @@ class GUIKV(Method):
     name: ClassVar[str] = "gui-kv"
     sites: ClassVar[tuple[str, ...]] = ("kv_cache",)
     positions: ClassVar[str] = "original"
+    budget_kind = CACHE_ENTRIES
 
     keep: int | float = 0.1  # cache entries kept per head and layer: a ratio b of the prompt (C = floor(n·b)) or C
     window: int = 8  # observation window w, clipped to C - 2
@@ -205,6 +206,12 @@ class GUIKV(Method):
         for b in range(layout.batch_size):
             real = value.key_mask[b].nonzero().squeeze(1)  # [n] positions of the sample's tokens
             n = real.numel()
+            cache_heads = value.keys.shape[1]
+            what = f"the {n}-token prompt of sample {b}"
+            if keep_count(self.keep, n, what=what, rounding="floor") == n:  # the budget holds the whole prompt
+                heads.append(real.expand(cache_heads, n))
+                visual_scores.append(torch.full((layout.num_visual(b),), float("nan")))
+                continue
             budget, window = self.budget(n, b)
             window = min(window, value.queries.shape[2])
             index_of = torch.full((layout.seq_len,), -1, dtype=torch.long, device=real.device)
@@ -226,7 +233,6 @@ class GUIKV(Method):
                 temporal=self.temporal,
                 temporal_keys=None if value.keys_pre_rope is None else value.keys_pre_rope[b][:, real],
             )
-            cache_heads = value.keys.shape[1]
             heads.append(real[select(reduce_groups(scores, cache_heads, self.gqa_reduce), budget, window)])
             full = torch.full((n,), float("nan"), device=scores.device)
             full[: n - window] = scores.mean(dim=0)

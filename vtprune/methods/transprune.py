@@ -1,5 +1,5 @@
-"""TransPrune (Liao et al., 2025): progressive pruning inside the LLM by Token Transition Variation + Instruction-Guided
-Attention. Follows the released code (spec: /work/shared/methods/transprune.md).
+"""TransPrune (Li et al., 2025): progressive pruning inside the LLM by Token Transition Variation + Instruction-Guided
+Attention. Follows the released code; see docs/methods/transprune.md.
 
 Layers are 1-indexed as in the paper: "prune at layer p" happens after layer p, so the pruned sequence enters
 `model.layers[p]` (0-based) — numerically the cut sits "before 0-based layer p".
@@ -12,7 +12,11 @@ Layers are 1-indexed as in the paper: "prune at layer p" happens after layer p, 
   positions; query rows are every token after the sample's last visual token; softmax over all keys (causal), mean over
   heads, image columns, mean over rows; normalised over the image's tokens.
 - score = alpha * TTV + (1 - alpha) * IGA (alpha = 0.5 ranks like the code's plain sum); each image keeps
-  floor(n_original * ratio) tokens, the ratios being relative to the image's original count.
+  floor(n_original * ratio) tokens, the ratios being relative to the image's original count. An image is one block:
+  an anyres image's base view, tiles and row ends are ranked together (spec §6.4).
+- Budget: `keep` (visual tokens per image after the last stage, or a ratio) scales the stage ratios geometrically,
+  r_i -> r_i ** alpha with alpha such that the last stage keeps exactly `keep` (`scaled_schedule`); keep=None runs
+  `keep_ratios` as given (the presets), keep=1.0 keeps everything.
 - Positions are renumbered after every cut (PDrop convention); each layer's cache keeps what it saw, so while decoding
   a layer after stage k continues at the original position minus the tokens dropped up to stage k.
 Per image: each image is its own "image block" (the release handles one image, batch 1). Other depths than
@@ -42,6 +46,7 @@ from ..core import (
     VTPruneError,
     keep_count,
     register,
+    scaled_schedule,
     top_k,
 )
 
@@ -92,6 +97,7 @@ class TransPrune(Method):
         "low": {"keep_ratios": (0.625, 0.1875, 0.0625)},  # inferred from 1.19 TFLOPs: 576 -> 360 -> 108 -> 36
     }
 
+    keep: int | float | None = None  # visual tokens per image after the last stage (or a ratio); None: keep_ratios
     keep_ratios: tuple[float, ...] = (0.875, 0.625, 0.125)  # kept share of each image's ORIGINAL count, per stage
     prune_layers: tuple[int, ...] | None = None  # 1-indexed; None: (7, 9, 12) of 32 layers, scaled to the depth
     accumulate_layers: tuple[int, ...] | None = None  # 1-indexed TTV band; None: scaled 7 .. the last prune layer
@@ -99,6 +105,7 @@ class TransPrune(Method):
     ttv_direction: str = "one_minus_cos"  # code: 1 - cos; paper: "one_minus_abs_cos" (1 - |cos|)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.keep_ratios = tuple(self.keep_ratios)
         if not self.keep_ratios or any(not 0.0 < r <= 1.0 for r in self.keep_ratios):
             raise VTPruneError(f"transprune keep_ratios={self.keep_ratios}: give ratios in (0, 1], one per stage")
@@ -157,7 +164,10 @@ class TransPrune(Method):
         prune, band = self.layers(ctx.info)
         stage, layout = prune.index(ctx.layer), ctx.layout
         if "original_counts" not in ctx.state:  # the first cut sees every image whole
-            ctx.state["original_counts"] = [[span.length for span in spans] for spans in layout.spans]
+            ctx.state["original_counts"] = [
+                {image: int(ordinals.numel()) for image, ordinals in image_blocks(layout, b).items()}
+                for b in range(layout.batch_size)
+            ]
         transitions = ctx.signals.get(Transitions(layers=tuple(layer - 1 for layer in band)), {})
         queries = ctx.signals.get(QueryAttention(layer=ctx.layer, queries="after_visual"))
         keep, scores = [], []
@@ -174,14 +184,24 @@ class TransPrune(Method):
             else:
                 iga = torch.zeros(n)
             sample_scores, kept = torch.zeros(n), []
-            for i, (span, sl) in enumerate(layout.ordinal_slices(b)):
-                sample_scores[sl] = combine(ttv[sl], iga[sl], self.alpha)
-                original = ctx.state["original_counts"][b][i]
-                count = keep_count(self.keep_ratios[stage], original, what=f"image {span.image}", rounding="floor")
-                kept.append(top_k(sample_scores[sl], min(count, span.length)) + sl.start)
-            keep.append(torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long))
+            for image, ordinals in image_blocks(layout, b).items():
+                sample_scores[ordinals] = combine(ttv[ordinals], iga[ordinals], self.alpha)
+                count = self.stage_count(stage, ctx.state["original_counts"][b][image], image)
+                kept.append(ordinals[top_k(sample_scores[ordinals], min(count, int(ordinals.numel())))])
+            keep.append(torch.sort(torch.cat(kept)).values if kept else torch.zeros(0, dtype=torch.long))
             scores.append(sample_scores)
         return KeepPlan(keep=keep, scores=scores)
+
+    def stage_count(self, stage: int, original: int, image: int) -> int:
+        """Tokens an image of `original` tokens keeps after `stage` (0-based)."""
+        what = f"image {image}"
+        if self.keep is None:
+            return keep_count(self.keep_ratios[stage], original, what=what, rounding="floor")
+        final = keep_count(self.keep, original, what=what, rounding="floor")
+        if stage == len(self.keep_ratios) - 1:
+            return final
+        ratios = scaled_schedule(self.keep_ratios, final / original)
+        return max(final, keep_count(ratios[stage], original, what=what, rounding="floor"))
 
     def _accumulated_ttv(self, transitions: dict[int, TransitionStats], layout: VisualLayout, sample: int) -> Tensor:
         """Sum of the TTVs of the band's layers that ran so far, read at the sample's current visual tokens."""
@@ -195,3 +215,11 @@ class TransPrune(Method):
             lookup[then] = ttv[stats.layout.visual_positions(sample)]
             total += lookup[current]
         return total
+
+
+def image_blocks(layout: VisualLayout, sample: int) -> dict[int, Tensor]:
+    """Per image of a sample (its spans together: an anyres image's base view, tiles and row ends), its ordinals."""
+    blocks: dict[int, list[Tensor]] = {}
+    for span, sl in layout.ordinal_slices(sample):
+        blocks.setdefault(span.image, []).append(torch.arange(sl.start, sl.stop))
+    return {image: torch.cat(parts) for image, parts in blocks.items()}

@@ -1,5 +1,5 @@
 """VFlowOpt (Yang et al., ICCV 2025): an importance map from the vision encoder, progressive pruning with recycling,
-hyperparameters tuned against the model itself. Follows the official code (spec: /work/shared/methods/vflowopt.md).
+hyperparameters tuned against the model itself. Follows the official code; see docs/methods/vflowopt.md.
 
 Importance per image: I = c + alpha_v * softmax(E) over the image's patches.
 - c, context relevance: head-mean attention A of one encoder layer (the one feeding the projector) among all its
@@ -22,7 +22,13 @@ Budget: the average kept share over the L layers of an LLM cut before layers l1 
 LLaVA-1.5 and re-derives r_2 for its 9/9/14 split, so models with >= 28 layers use (9, 18); shallower ones scale them
 by depth (floor(l * L / 28 + 0.5), kept strictly increasing). The presets are the released LLaVA-OneVision-7B
 configurations with r_2 derived from each one's own achieved budget, which reproduces the released r_2 on 28 layers.
-Image path only: every image is one grid (LLaVA-1.5); video and anyres layouts are left to their adapters.
+The method runs on single-grid images (LLaVA-1.5). The anyres and video rules of the official code (spec §4.1, §4.4)
+are here as pure functions, checked against the official code's outputs, for the LLaVA-NeXT / OneVision adapters to
+wire: `anyres_importance` (base map, then the tiles' maps as one mosaic, unpadded, resized like OneVision's features
+when `max_tiles` is set, with a row-end column of importance 1), `anyres_cells` + `stage_v` (one budget per image
+over base and tiles, cells that never mix base and tiles and count the row-end column in the tiles' width), and
+`pool_frame_maps` + `video_importance` + `video_keep` (each frame's map pooled like its features, then the top share
+over all frames of the video, no recycling).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import (
@@ -45,7 +52,10 @@ from ..core import (
     VisionAttention,
     VTPruneError,
     keep_all,
+    keep_count,
     register,
+    scaled_schedule,
+    top_k,
 )
 
 RELEASED_DEPTH, RELEASED_LAYERS = 28, (9, 18)  # Qwen2-7B in LLaVA-OneVision
@@ -114,13 +124,17 @@ def quantize_pixels(pixels: Tensor, mode: str, mean: tuple[float, ...], std: tup
 
 
 def patch_entropy(levels: Tensor, patch: int) -> Tensor:
-    """[N, 3, H, W] levels 0..255 -> [N, patches] entropy (bits) of each patch's gray-level histogram, row-major."""
+    """[N, 3, H, W] levels 0..255 -> [N, patches] entropy (bits) of each patch's gray-level histogram, row-major.
+
+    Patches are cut with stride `patch` from the top-left corner, as the release does; a remainder narrower than a
+    patch at the right or bottom is ignored (SigLIP at 384 px: 27 patches of 14 and 6 px left over).
+    """
     n, channels, height, width = levels.shape
-    if channels != 3 or height % patch or width % patch:
-        raise VTPruneError(f"patch entropy needs RGB pixels tiling into {patch}x{patch} patches, got {tuple(levels.shape)}")
-    levels = levels.float()
-    gray = torch.round(0.3333 * levels[:, 0] + 0.3333 * levels[:, 1] + 0.3333 * levels[:, 2]).long().clamp(0, 255)
     rows, cols = height // patch, width // patch
+    if channels != 3 or rows == 0 or cols == 0:
+        raise VTPruneError(f"patch entropy needs RGB pixels at least {patch}x{patch}, got {tuple(levels.shape)}")
+    levels = levels[:, :, : rows * patch, : cols * patch].float()
+    gray = torch.round(0.3333 * levels[:, 0] + 0.3333 * levels[:, 1] + 0.3333 * levels[:, 2]).long().clamp(0, 255)
     pixels = gray.view(n, rows, patch, cols, patch).permute(0, 1, 3, 2, 4).reshape(n, rows * cols, patch * patch)
     counts = torch.zeros(n, rows * cols, 256, device=levels.device).scatter_add_(2, pixels, torch.ones_like(pixels, dtype=torch.float))
     p = counts / (patch * patch)
@@ -139,19 +153,27 @@ def lowest(scores: Tensor, count: int) -> Tensor:
     return torch.sort(scores.float(), stable=True).indices[:count]
 
 
-def recycle(scores: Tensor, pruned: Tensor, patch: Tensor, cols: int, cell: float) -> list[tuple[int, Tensor, Tensor]]:
+def grid_cells(patch: Tensor, cols: int) -> Tensor:
+    """[n] patch numbers on a grid `cols` wide (-1: no patch) -> [n, 3] (region, row, col); region -1: no cell."""
+    region = torch.where(patch >= 0, 0, -1)
+    return torch.stack([region, patch.clamp(min=0) // cols, patch.clamp(min=0) % cols], dim=1)
+
+
+def recycle(scores: Tensor, pruned: Tensor, cells: Tensor, cell: float) -> list[tuple[int, Tensor, Tensor]]:
     """Groups of pruned tokens by grid cell: [(representative, members ascending, weights)], cells in raster order.
 
-    scores: [n] importance of the image's tokens; pruned: their local indices; patch: [n] patch number (-1: none).
-    A group's weights are I / sum(I) over it; the representative is its highest-I member (ties: the lower index).
+    scores: [n] importance; pruned: [p] indices into it; cells: [n, 3] (region, row, col) of every token, region -1
+    for tokens in no cell. Tokens group when region, floor(row / cell) and floor(col / cell) agree. A group's weights
+    are I / sum(I) over it; the representative is its highest-I member (ties: the lower index).
     """
     pruned = torch.sort(pruned).values
-    pruned = pruned[patch[pruned] >= 0]  # tokens that are no patch have no cell
-    row, col = patch[pruned] // cols, patch[pruned] % cols
-    cells = torch.stack([torch.floor(row / cell), torch.floor(col / cell)], dim=1).long()
+    pruned = pruned[cells[pruned, 0] >= 0]
+    where = cells[pruned]
+    keys = torch.stack([where[:, 0], torch.floor(where[:, 1].float() / cell).long(),
+                        torch.floor(where[:, 2].float() / cell).long()], dim=1)
     groups = []
-    for key in torch.unique(cells, dim=0):  # sorted: raster order of the cells
-        members = pruned[(cells == key).all(dim=1)]
+    for key in torch.unique(keys, dim=0):  # sorted: by region, then raster order of the cells
+        members = pruned[(keys == key).all(dim=1)]
         weight = scores[members].float()
         total = weight.sum()
         if not total > 0:
@@ -163,6 +185,118 @@ def recycle(scores: Tensor, pruned: Tensor, patch: Tensor, cols: int, cell: floa
     return groups
 
 
+def stage_v(
+    scores: Tensor, cells: Tensor, vit_keep: float, cell: float
+) -> tuple[Tensor, list[tuple[int, Tensor, Tensor]]]:
+    """Stage V on one image's L tokens: ([K] kept indices ascending, recycled groups as in `recycle`).
+
+    The round(L (1 - vit_keep)) + int(L / cell^2) lowest-I tokens are pruned (ties: the lower index first); each
+    non-empty cell of pruned tokens comes back as one token at its representative's slot.
+    """
+    n = scores.numel()
+    pruned = lowest(scores, min(n, round(n * (1 - vit_keep)) + int(n / cell**2)))
+    stays = torch.ones(n, dtype=torch.bool)
+    stays[pruned] = False
+    groups = recycle(scores, pruned, cells, cell)
+    for slot, _, _ in groups:
+        stays[slot] = True
+    return stays.nonzero().squeeze(1), groups
+
+
+# ------------------------------------------------------------- anyres images (LLaVA-NeXT / OneVision), videos
+def unpad_slices(height: int, width: int, image_size: tuple[int, int]) -> tuple[slice, slice]:
+    """Rows and columns of a (height, width) tile mosaic that show an image of `image_size` (h, w); the rest is the
+    tiles' letterbox padding. LLaVA's rule: the shown extent is int(original * scale) (transformers rounds it to 7
+    digits first, against float noise; the release does not), and (current - shown) // 2 is cut from both sides, so
+    an odd difference keeps one padding row or column."""
+    image_h, image_w = image_size
+    if image_w / image_h > width / height:  # padded above and below
+        shown = int(round(image_h * (width / image_w), 7))
+        pad = (height - shown) // 2
+        return slice(pad, height - pad), slice(0, width)
+    shown = int(round(image_w * (height / image_h), 7))
+    pad = (width - shown) // 2
+    return slice(0, height), slice(pad, width - pad)
+
+
+def resized_shape(height: int, width: int, side: int, max_tiles: int | None) -> tuple[int, int]:
+    """OneVision's anyres_max_N: an unpadded mosaic with ratio = sqrt(h w / (N side^2)) > 1.1 is resized to
+    (int(h // ratio), int(w // ratio)). max_tiles None (LLaVA-NeXT): never resized."""
+    if max_tiles is None:
+        return height, width
+    ratio = math.sqrt(height * width / (max_tiles * side**2))
+    return (int(height // ratio), int(width // ratio)) if ratio > 1.1 else (height, width)
+
+
+def pack_tiles(values: Tensor, tiles: tuple[int, int], side: int, image_size: tuple[int, int],
+               max_tiles: int | None = None) -> Tensor:
+    """Per-tile values as the model packs the tiles' features: [T, side*side, C] (tiles row-major, T = tiles[0] *
+    tiles[1]) -> [h, w, C]: one mosaic, unpadded (`unpad_slices`), bilinearly resized when `resized_shape` says so."""
+    rows, cols = tiles
+    channels = values.shape[-1]
+    mosaic = values.reshape(rows, cols, side, side, channels).permute(0, 2, 1, 3, 4)
+    mosaic = mosaic.reshape(rows * side, cols * side, channels)
+    row_slice, col_slice = unpad_slices(rows * side, cols * side, image_size)
+    mosaic = mosaic[row_slice, col_slice]
+    target = resized_shape(mosaic.shape[0], mosaic.shape[1], side, max_tiles)
+    if target != tuple(mosaic.shape[:2]):
+        mosaic = F.interpolate(mosaic.permute(2, 0, 1)[None], list(target), mode="bilinear")[0].permute(1, 2, 0)
+    return mosaic
+
+
+def anyres_importance(base: Tensor, tile_maps: Tensor, tiles: tuple[int, int], side: int,
+                      image_size: tuple[int, int], max_tiles: int | None = None) -> tuple[Tensor, tuple[int, int]]:
+    """An anyres image's map in sequence order: base [side*side], then the tiles' mosaic (`pack_tiles` of tile_maps
+    [T, side*side]) row by row, each row followed by its row-end token (importance 1).
+    Returns ([side*side + h (w + 1)] importance, (h, w) of the mosaic)."""
+    local = pack_tiles(tile_maps.float()[..., None], tiles, side, image_size, max_tiles)[..., 0]
+    height, width = local.shape
+    row_ends = torch.full((height, 1), NON_PATCH_IMPORTANCE)
+    return torch.cat([base.float(), torch.cat([local, row_ends], dim=1).flatten()]), (height, width)
+
+
+def anyres_cells(side: int, mosaic: tuple[int, int]) -> Tensor:
+    """[side*side + h (w + 1), 3] (region, row, col) of an anyres image's tokens for recycling: region 0 is the base
+    grid (side wide), region 1 the tiles' mosaic, whose width counts the row-end column (row ends sit at col w)."""
+    height, width = mosaic
+    base = torch.arange(side * side)
+    local = torch.arange(height * (width + 1))
+    return torch.cat([
+        torch.stack([torch.zeros_like(base), base // side, base % side], dim=1),
+        torch.stack([torch.ones_like(local), local // (width + 1), local % (width + 1)], dim=1),
+    ])
+
+
+def pool_frame_maps(maps: Tensor, side: int, mode: str = "bilinear", stride: int = 2) -> Tensor:
+    """[F, side*side] per-frame maps -> [F, pooled] pooled like the frames' features: "bilinear" (LLaVA-OneVision:
+    resized to ceil(side / stride) per side), "average" or "max" (stride x stride pooling, LLaVA-NeXT-Video)."""
+    grid = maps.float().reshape(-1, 1, side, side)
+    if mode == "bilinear":
+        size = [math.ceil(side / stride)] * 2
+        pooled = F.interpolate(grid, size=size, mode="bilinear")
+    elif mode == "average":
+        pooled = F.avg_pool2d(grid, stride)
+    elif mode == "max":
+        pooled = F.max_pool2d(grid, stride)
+    else:
+        raise VTPruneError(f"frame pooling {mode!r}: use 'bilinear', 'average' or 'max'")
+    return pooled.flatten(1)
+
+
+def video_importance(pooled: Tensor, newline: bool) -> Tensor:
+    """[F, P] pooled frame maps -> the video's map in sequence order: frames one after another, then (newline=True,
+    LLaVA-OneVision) the video's single row-end token with importance 1."""
+    flat = pooled.float().flatten()
+    return torch.cat([flat, torch.tensor([NON_PATCH_IMPORTANCE])]) if newline else flat
+
+
+def video_keep(scores: Tensor, vit_keep: float) -> Tensor:
+    """Stage V on a video ([L] map over all its frames): the L - round(L (1 - vit_keep)) highest, jointly over the
+    frames, ascending (ties: the lower index); nothing recycled."""
+    n = scores.numel()
+    return top_k(scores, n - round(n * (1 - vit_keep)))
+
+
 @register
 @dataclass
 class VFlowOpt(Method):
@@ -170,6 +304,7 @@ class VFlowOpt(Method):
     sites: ClassVar[tuple[str, ...]] = ("pre_llm", "llm_layer")
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
 
+    keep: int | float | None = None  # visual tokens per image after the last stage (or a ratio); None: as released
     vit_keep: float = PRESETS["keep25"]["vit_keep"]  # r_v: stage-V keep ratio; 1.0 bypasses stage V
     llm_keep1: float = PRESETS["keep25"]["llm_keep1"]  # r_1: share kept at the first LLM cut
     llm_keep2: float | None = None  # r_2: share kept at the second LLM cut; None: derived from `budget`
@@ -184,6 +319,9 @@ class VFlowOpt(Method):
     llm_layers: tuple[int, int] | None = None  # 0-based layers whose input is pruned; None: `default_llm_layers`
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget is not None and not (math.isfinite(self.budget) and 0.0 < self.budget <= 1.0):
+            raise VTPruneError(f"vflowopt budget={self.budget}: the average kept share must lie in (0, 1]")
         for name in ("vit_keep", "llm_keep1"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise VTPruneError(f"vflowopt {name}={getattr(self, name)}: a keep ratio must lie in (0, 1]")
@@ -225,7 +363,25 @@ class VFlowOpt(Method):
         if self.llm_keep2 is not None:
             return self.llm_keep1, self.llm_keep2
         r_2 = derived_llm_keep2(self.budget, self.vit_keep, self.llm_keep1, info.llm_layers, self.layers(info))
+        if r_2 <= 0.0:
+            raise VTPruneError(
+                f"vflowopt budget={self.budget} is below what vit_keep={self.vit_keep} and llm_keep1={self.llm_keep1} "
+                "already keep before the second LLM cut, so that cut would keep no visual token; raise budget, lower "
+                "vit_keep, or give keep=N (tokens per image)"
+            )
         return self.llm_keep1, r_2
+
+    def image_schedule(self, info: ModelInfo, n: int, image: int) -> tuple[float, float, float, int | None]:
+        """(r_v, r_1, r_2, tokens after the last stage or None) for an image of n tokens.
+
+        With `keep`, the cumulative shares (r_v, r_v r_1, r_v r_1 r_2) are scaled geometrically so the last equals
+        keep / n (`scaled_schedule`), and the last stage keeps exactly `keep` tokens; keep=1.0 keeps everything."""
+        r_1, r_2 = self.stage_keeps(info)
+        if self.keep is None:
+            return self.vit_keep, r_1, r_2, None
+        final = keep_count(self.keep, n, what=f"image {image}")
+        shares = scaled_schedule((self.vit_keep, self.vit_keep * r_1, self.vit_keep * r_1 * r_2), final / n)
+        return shares[0], shares[1] / shares[0], shares[2] / shares[1], final
 
     def cut_layers(self, info: ModelInfo) -> list[int]:
         return list(self.layers(info))
@@ -245,15 +401,16 @@ class VFlowOpt(Method):
             return self._stage_v(ctx)
         if "importance" not in ctx.state:  # no image in the batch: stage V never ran, nothing to prune
             return keep_all(ctx.layout)
-        r_1, r_2 = self.stage_keeps(ctx.info)
-        ratio = r_1 if ctx.layer == self.layers(ctx.info)[0] else r_2
+        last = ctx.layer == self.layers(ctx.info)[1]
         layout, keep, scores = ctx.layout, [], []
         for b in range(layout.batch_size):
             current = ctx.state["importance"][b][layout.original_ordinal[b]]
             kept = []
-            for _, sl in layout.ordinal_slices(b):
-                stays = torch.ones(sl.stop - sl.start, dtype=torch.bool)
-                stays[lowest(current[sl], round((sl.stop - sl.start) * (1 - ratio)))] = False
+            for (_, sl), (_, r_1, r_2, final) in zip(layout.ordinal_slices(b), ctx.state["schedules"][b]):
+                n = sl.stop - sl.start
+                dropped = n - min(n, final) if last and final is not None else round(n * (1 - (r_2 if last else r_1)))
+                stays = torch.ones(n, dtype=torch.bool)
+                stays[lowest(current[sl], dropped)] = False
                 kept.append(stays.nonzero().squeeze(1) + sl.start)
             keep.append(torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long))
             scores.append(current)
@@ -275,8 +432,14 @@ class VFlowOpt(Method):
         return importance(torch.stack(maps).cpu(), entropy, self.alpha_v), empty
 
     def _stage_v(self, ctx: SiteContext) -> KeepPlan:
-        maps, empty = self.image_importance(ctx)
         layout = ctx.layout
+        kinds = {span.kind for spans in layout.spans for span in spans} - {"image"}
+        if kinds:
+            raise VTPruneError(
+                f"vflowopt runs on single-grid images; this layout has {sorted(kinds)} spans, whose rules "
+                "(anyres_importance, stage_v, video_keep) need per-view signals the adapter does not give yet"
+            )
+        maps, empty = self.image_importance(ctx)
         per_sample = []
         for b in range(layout.batch_size):
             parts = []
@@ -285,25 +448,23 @@ class VFlowOpt(Method):
                 parts.append(torch.where(patch >= 0, maps[span.image][patch.clamp(min=0)], NON_PATCH_IMPORTANCE))
             per_sample.append(torch.cat(parts) if parts else torch.zeros(0))
         ctx.state["importance"] = per_sample  # indexed by the LLM input's visual ordinals (original ordinals)
+        ctx.state["schedules"] = [
+            [self.image_schedule(ctx.info, span.length, span.image) for span in spans] for spans in layout.spans
+        ]
         notes = {"empty_global_set": empty} if empty else {}
-        if self.vit_keep == 1.0:
-            plan = keep_all(layout)
-            plan.scores, plan.notes = per_sample, notes
-            return plan
         keep, merges = [], []
         for b in range(layout.batch_size):
             kept, sample_merges = [], []
-            for span, sl in layout.ordinal_slices(b):
+            for (span, sl), (r_v, *_) in zip(layout.ordinal_slices(b), ctx.state["schedules"][b]):
+                if r_v >= 1.0:  # stage V bypassed: the image stays whole (keep-all exactness)
+                    kept.append(torch.arange(sl.start, sl.stop))
+                    continue
                 scores = per_sample[b][sl]
-                n = span.length
-                n_prune = min(n, round(n * (1 - self.vit_keep)) + int(n / self.cell**2))
-                pruned = lowest(scores, n_prune)
-                stays = torch.ones(n, dtype=torch.bool)
-                stays[pruned] = False
-                for slot, members, weights in recycle(scores, pruned, span.patch_index, span.grid[1], self.cell):
-                    stays[slot] = True
+                cells = grid_cells(span.patch_index, span.grid[1])
+                kept_local, groups = stage_v(scores, cells, r_v, self.cell)
+                for slot, members, weights in groups:
                     sample_merges.append(Merge(slot=slot + sl.start, sources=members + sl.start, weights=weights))
-                kept.append(stays.nonzero().squeeze(1) + sl.start)
+                kept.append(kept_local + sl.start)
             keep.append(torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long))
             merges.append(sample_merges)
         return KeepPlan(keep=keep, scores=per_sample, merges=merges, notes=notes)

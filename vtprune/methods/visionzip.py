@@ -1,5 +1,5 @@
 """VisionZip (Yang et al., CVPR 2025): dominant tokens by [CLS] attention plus contextual tokens made by merging.
-Follows the official code (spec: /work/shared/methods/baselines_fastv_visionzip.md, Part B).
+Follows the official code; see docs/methods/visionzip.md.
 
 Per image, everything from the encoder layer whose output feeds the projector (LLaVA-1.5: layer 22):
 - dominant: [CLS] itself (it counts as one of the `keep`) and the patches with the largest [CLS] attention (summed
@@ -18,6 +18,14 @@ The trace's merged entries name every source (-1 stands for [CLS]).
 
 merge_space="projected" is an approximation offered as an option (never used silently): the same weights applied to
 the projected features, for adapters without `ProjectorInput`; it cannot carry [CLS], so it needs cls_token=False.
+
+LLaVA-NeXT anyres images (spec B4) are compressed view by view (`select_view`); `anyres_sequence` gives the official
+sequence of one image, checked against the official code's outputs: the base view as above, then the dominant
+patches of all tiles in raster order of the whole tile mosaic, then every tile's [CLS], then every tile's contextual
+tokens. Our choice, following the official code: no row-end (newline) tokens, and every patch of a tile is a candidate
+(no unpadding). The paper's LLaVA-NeXT results were measured this way, and row ends would not fit the budget: at the
+paper's 160 tokens for 5 views (32 per view) a 2 x 2 mosaic has up to 48 rows, more row ends than tile tokens. The
+LLaVA-NeXT adapter does not yet give the per-view signals this needs, so the method itself runs on single-view images.
 """
 
 from __future__ import annotations
@@ -64,6 +72,61 @@ def contextual_groups(keys: Tensor, remaining: Tensor, count: int) -> tuple[Tens
     normed = F.normalize(keys.float(), dim=-1)
     nearest = (normed[others] @ normed[targets].T).argmax(dim=1) if others.numel() else others
     return targets, [others[nearest == j] for j in range(targets.numel())]
+
+
+def select_view(dominance: Tensor, keys: Tensor, dominant: int, contextual: int, offset: int = 1
+                ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """One encoder input: (dominant patches ascending, contextual targets, each target's members), in patch numbers.
+
+    dominance: [P] [CLS] attention to the patches (summed over heads); keys: [T, d] head-mean keys of the encoder
+    tokens, patch p at token p + offset ([CLS] first: offset 1); dominant: patches kept by attention ([CLS] not
+    counted); contextual: merged tokens made from the remaining patches (`contextual_groups`).
+    """
+    top = top_k(dominance, dominant)
+    rest = torch.ones(dominance.numel(), dtype=torch.bool)
+    rest[top] = False
+    remaining = rest.nonzero().squeeze(1)
+    targets, members = contextual_groups(keys, remaining + offset, contextual)
+    return top, targets - offset, [m - offset for m in members]
+
+
+def contextual_token(view: int, target: Tensor, members: Tensor, offset: int = 1) -> tuple[int, Tensor, Tensor]:
+    """(view, encoder tokens, weights) of a contextual token: the target plus the mean of its members."""
+    sources = torch.cat([target.view(1), members]) + offset
+    weights = torch.cat([torch.ones(1), torch.full((members.numel(),), 1.0 / max(1, members.numel()))])
+    return view, sources, weights
+
+
+def anyres_sequence(selections: list[tuple[Tensor, Tensor, list[Tensor]]], tiles: tuple[int, int], side: int,
+                    cls_token: bool = True) -> list[tuple[int, Tensor, Tensor]]:
+    """The official LLaVA-NeXT sequence of one anyres image: per LLM token (view, encoder tokens, weights), its value
+    being sum(weights * encoder features of `view` at those tokens) ([CLS] is token 0, patch p token p + 1).
+
+    selections: `select_view` of every view, base first, then the tiles row-major (tiles = (rows, cols) of tiles,
+    each side x side patches). Base: [CLS], dominant patches ascending, contextual tokens in target order. Tiles: the
+    dominant patches of all tiles in raster order of the (rows * side) x (cols * side) mosaic, padding included; then
+    each tile's [CLS]; then each tile's contextual tokens. No row ends.
+    """
+    one = torch.ones(1)
+    base_top, base_targets, base_members = selections[0]
+    out = [(0, torch.tensor([0]), one)] if cls_token else []
+    out += [(0, torch.tensor([int(p) + 1]), one) for p in base_top]
+    out += [contextual_token(0, t, m) for t, m in zip(base_targets, base_members)]
+    rows, cols = tiles
+    if len(selections) != 1 + rows * cols:
+        raise VTPruneError(f"visionzip anyres: {len(selections) - 1} tiles for a {rows} x {cols} tile grid")
+    dominant = []  # (mosaic raster index, view, patch)
+    for tile, (top, _, _) in enumerate(selections[1:]):
+        tile_row, tile_col = divmod(tile, cols)
+        for p in top.tolist():
+            raster = (tile_row * side + p // side) * (cols * side) + tile_col * side + p % side
+            dominant.append((raster, 1 + tile, p))
+    out += [(view, torch.tensor([p + 1]), one) for _, view, p in sorted(dominant)]
+    if cls_token:
+        out += [(1 + tile, torch.tensor([0]), one) for tile in range(rows * cols)]
+    for tile, (_, targets, members) in enumerate(selections[1:]):
+        out += [contextual_token(1 + tile, t, m) for t, m in zip(targets, members)]
+    return out
 
 
 @register
@@ -136,17 +199,17 @@ class VisionZip(Method):
         """(kept patches ascending, their order in the sequence, merges) of one image, in patch numbers."""
         patches = dominance.numel()
         total = keep_count(self.keep, patches, what=f"image {image}")
+        if total == patches:  # nothing is pruned, so nothing is merged: the image stays as it is (keep-all exactness)
+            everything = torch.arange(patches)
+            return everything, everything, []
         contextual = round(total * CONTEXTUAL_SHARE) if self.contextual is None else self.contextual
         dominant = total - contextual - int(self.cls_token)
         if dominant < 0:
             raise VTPruneError(f"visionzip keep={total} leaves no room for [CLS] and {contextual} contextual tokens")
-        top = top_k(dominance, dominant)
+        top, targets, members = select_view(dominance, keys, dominant, contextual)
         rest = torch.ones(patches, dtype=torch.bool)
         rest[top] = False
-        remaining = rest.nonzero().squeeze(1)
         offset = 1  # encoder token of patch p is p + 1 ([CLS] first)
-        targets, members = contextual_groups(keys, remaining + offset, contextual)
-        targets, members = targets - offset, [m - offset for m in members]
         merges = []
         for target, group in zip(targets.tolist(), members):
             weights = torch.cat([torch.ones(1), torch.full((group.numel(),), 1.0 / max(1, group.numel()))])

@@ -1,6 +1,6 @@
 """ZipVL (He et al., 2024): layer-adaptive important tokens, attention among them only, a compressed KV cache.
 
-In every decoder layer at prefill (spec /work/shared/methods/zipvl.md):
+In every decoder layer at prefill (docs/methods/zipvl.md):
 1. probe queries P (default: the last 5 % of the prompt plus 5 % drawn uniformly with replacement from the earlier
    positions, seeded; `probe="all"`: every token) attend over all keys: `a_j` = head-mean of the summed probe
    attention to key j;
@@ -13,7 +13,7 @@ In every decoder layer at prefill (spec /work/shared/methods/zipvl.md):
 5. the KV cache: `kv_mode="drop"` keeps only T (paper v2), `"quant"` keeps T at `bits[0]` and the rest at `bits[1]`
    bits (paper v1; keys channel-wise and values channel-separable token-wise, as ZipCache), `"full"` keeps all.
 While decoding, every `decode_period` new tokens the newest block of the cache is scored with the current query's
-attention (same rule) and compressed the same way. τ = 1 keeps every token: the exactness setting. Positions never
+attention (same rule) and compressed the same way. The budget `keep` is τ; keep=1.0 keeps every token: the exactness setting. Positions never
 change (a kept key keeps its RoPE position). No token is force-kept unless `keep_last=True` (the last prompt token).
 """
 
@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..core import KeepPlan, Method, SiteContext, VTPruneError, register, top_k
+from ..core import ATTENTION_MASS, KeepPlan, Method, SiteContext, VTPruneError, register, top_k
 from ..core.sparse import AttentionContext
 
 KV_MODES = ("drop", "quant", "full")
@@ -216,8 +216,9 @@ class ZipVL(Method):
     name: ClassVar[str] = "zipvl"
     sites: ClassVar[tuple[str, ...]] = ("llm_attention",)
     positions: ClassVar[str] = "original"
+    budget_kind = ATTENTION_MASS
 
-    tau: float = 0.975  # attention-mass share the important tokens must hold; 0.96 is the aggressive setting
+    keep: float = 0.975  # τ: attention-mass share the important tokens must hold; 0.96 is the aggressive setting
     probe: str = "recent+random"  # probe queries: "recent+random" or "all" (exact, for short inputs)
     probe_frac: float = 0.10  # share of the prompt used as probes (half recent, half random)
     normaliser: str = "probes"  # "probes" (paper) or "all_queries" (ZipCache code: n - j)
@@ -229,8 +230,6 @@ class ZipVL(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.tau <= 1.0:
-            raise VTPruneError(f"zipvl tau={self.tau}: the retained attention share must lie in (0, 1]")
         if self.probe not in ("recent+random", "all"):
             raise VTPruneError(f"zipvl probe={self.probe!r}: use 'recent+random' or 'all'")
         if not 0.0 < self.probe_frac <= 1.0:
@@ -247,7 +246,7 @@ class ZipVL(Method):
     def important(self, ctx: AttentionContext) -> Tensor:
         """Ascending indices (among ctx.keys) of the important tokens T of one layer and sample."""
         n = ctx.keys.shape[1]
-        if self.tau >= 1.0:
+        if self.keep >= 1.0:
             return torch.arange(n)
         if ctx.causal:
             generator = ctx.state.get("generator")
@@ -259,7 +258,7 @@ class ZipVL(Method):
             probes = torch.arange(ctx.queries.shape[1])
             mass = probe_mass(ctx.queries, ctx.keys, ctx.scale, None)
         counts = probe_counts(probes, n, self.normaliser, causal=ctx.causal)
-        return select_important(mass.cpu(), counts, self.tau, keep_last=self.keep_last and ctx.causal)
+        return select_important(mass.cpu(), counts, self.keep, keep_last=self.keep_last and ctx.causal)
 
     def quantise_kv(self, keys: Tensor, values: Tensor, important: Tensor) -> QuantizedKV:
         """The mixed-precision cache of one sample and layer (kv_mode="quant"): keys/values [heads, n, d]."""

@@ -1,0 +1,105 @@
+"""Small helpers every adapter hook uses: reading a call's arguments."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from ..core.errors import VTPruneError
+
+CACHE_KEYS = ("past_key_values", "cache")  # transformers names the cache argument one of these
+
+
+def kwarg(args: tuple, kwargs: dict, name: str, index: int) -> Any:
+    """The argument `name` of a hooked call: a keyword, else positional argument `index`, else None."""
+    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
+
+
+def cache_argument(kwargs: dict) -> Any:
+    """The cache passed to a transformers module call (under either name), or None."""
+    for key in CACHE_KEYS:
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return None
+
+
+def call_arguments(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of a call of `fn` by parameter name (defaults left out)."""
+    return inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+
+
+def media_in_call(arguments: dict) -> set[str]:
+    """The modalities ("image", "video") a multimodal model call merges into its sequence: raw pixels, or encoder
+    outputs that generate() computed beforehand (`mm_encoder_outputs`)."""
+    media = {m for m, out in (arguments.get("mm_encoder_outputs") or {}).items() if out is not None}
+    if arguments.get("pixel_values") is not None:
+        media.add("image")
+    if arguments.get("pixel_values_videos") is not None:
+        media.add("video")
+    return media
+
+
+def placeholder_mask(model: Any, arguments: dict, token_id: int, present: bool = True) -> Any:
+    """[B, L] bool (CPU): where the call's sequence holds the placeholder token `token_id` — read from `input_ids`, or
+    from `inputs_embeds` equal to that token's embedding (as transformers finds it). All False when not `present`
+    (the call merges no such media: its placeholder ids are text to the model)."""
+    input_ids = arguments.get("input_ids")
+    if not present:
+        sequence = input_ids if input_ids is not None else arguments.get("inputs_embeds")
+        return torch.zeros(sequence.shape[:2], dtype=torch.bool)
+    if input_ids is not None:
+        return (input_ids == token_id).cpu()
+    embeds = arguments.get("inputs_embeds")
+    if embeds is None:
+        raise VTPruneError("the model was called with neither input_ids nor inputs_embeds")
+    token = model.get_input_embeddings()(torch.tensor(token_id, device=embeds.device))
+    return (embeds == token).all(-1).cpu()
+
+
+def continues_cache(arguments: dict) -> bool:
+    """Whether the call continues a filled cache (a decode step, or more tokens after a prefill). Images in such a call
+    (a chunked prefill) are refused: vtprune cuts a prompt prefilled in one call."""
+    cache = cache_argument(arguments)
+    if cache is None or cache.get_seq_length() == 0:
+        return False
+    if media_in_call(arguments):
+        raise VTPruneError(
+            "images or videos in a call that continues a cache (chunked prefill) are not supported; "
+            "prefill the whole prompt in one call"
+        )
+    return True
+
+
+def token_runs(row: Any) -> list[tuple[int, int]]:
+    """(start, end) of every run of consecutive True entries of a 1-D bool tensor."""
+    positions = row.nonzero().squeeze(1)
+    if not positions.numel():
+        return []
+    breaks = (positions[1:] != positions[:-1] + 1).nonzero().squeeze(1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in torch.tensor_split(positions, breaks)]
+
+
+def swap_class(obj: Any, overrides: dict[str, Any], adapter: Any) -> type:
+    """Give `obj` a subclass of its class with `overrides` (methods, properties) until the adapter detaches.
+
+    The overrides should act only while `adapter.active()`. A copy (`copy.deepcopy`) or pickle of `obj` is made of its
+    original class, so it carries nothing of the session. Returns the original class.
+    """
+    original = type(obj)
+
+    def __reduce_ex__(self: Any, protocol: int) -> Any:
+        reduced = object.__reduce_ex__(self, protocol)
+        if isinstance(reduced, tuple) and len(reduced) > 1 and reduced[1] and reduced[1][0] is type(self):
+            return (reduced[0], (original, *reduced[1][1:]), *reduced[2:])
+        return reduced
+
+    namespace = {**overrides, "__reduce_ex__": __reduce_ex__, "__module__": original.__module__}
+    obj.__class__ = type(original.__name__, (original,), namespace)
+
+    def restore() -> None:
+        obj.__class__ = original
+
+    adapter.on_detach(restore)
+    return original

@@ -1,0 +1,156 @@
+"""The kv_cache site inside a transformers decoder LM: compress what each layer writes to its cache at prefill.
+
+A forward hook on every layer's attention module runs after the prefill attention, which used the full keys and
+values (so the prefill output is unchanged). The method sees the layer's post-RoPE keys as the attention cached them,
+the last query rows (recomputed from the layer's own q projection and RoPE) and the attention input, and returns per
+sample and per cache head the sequence positions to keep. The layer's cache keeps those entries (one
+`kernels.compact_cache` call): each sample's C_b entries right-aligned, left-padded to the longest sample with masked
+slots, as a `PrunedLayer` whose segment carries that padding mask, so decoding gives the layer a mask as long as its
+own cache. Keys carry the RoPE of their original positions: decoding continues at the unpruned positions.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ... import kernels
+from ...core.cut import left_padded_heads
+from ...core.errors import VTPruneError
+from ...core.signals import LayerKV, PrefillKV
+from ...core.trace import site_records
+from ..common import cache_argument, kwarg, swap_class
+from .cache import PrunedLayer, Segment
+from .qk import gather_rows, project, rotate
+
+if TYPE_CHECKING:
+    from .cutter import DecoderCutter
+
+
+class CacheSite:
+    """Compresses every decoder layer's cache right after its prefill attention, as the method plans."""
+
+    def __init__(self, cutter: "DecoderCutter", request: PrefillKV) -> None:
+        if request.queries < 1:
+            raise VTPruneError(f"PrefillKV(queries={request.queries}): ask for at least one query row")
+        self.cutter, self.request = cutter, request
+        adapter = cutter.adapter
+        for index, layer in enumerate(cutter.layers):
+            attn = layer.self_attn
+            adapter.hook(attn, self._after_attention(index), pre=False)
+            if request.expand_heads and getattr(attn, "num_key_value_groups", 1) > 1:
+                self._expand_heads(attn)
+
+    def _expand_heads(self, attn: nn.Module) -> None:
+        """Repeat the layer's K/V heads to its query heads (as `repeat_kv` orders them) for prefill and decoding.
+
+        The k/v projections' outputs are repeated by hooks, and the module reports one query head per K/V head while
+        the session is active in the calling context (a class swap with a property, undone on detach)."""
+        groups, head_dim = attn.num_key_value_groups, attn.head_dim
+
+        def repeat(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+            batch, length, _ = output.shape
+            return output.view(batch, length, -1, head_dim).repeat_interleave(groups, dim=2).reshape(batch, length, -1)
+
+        adapter = self.cutter.adapter
+        adapter.hook(attn.k_proj, repeat, pre=False)
+        adapter.hook(attn.v_proj, repeat, pre=False)
+
+        def groups_now(module: nn.Module) -> int:
+            return 1 if adapter.active() else module.__dict__["num_key_value_groups"]
+
+        swap_class(attn, {"num_key_value_groups": property(groups_now)}, adapter)
+
+    def _after_attention(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            state = self.cutter.prefill
+            cache = cache_argument(kwargs)
+            if state is None or cache is None:
+                return None  # only the prefill of a cached forward is compressed
+            hidden = kwarg(args, kwargs, "hidden_states", 0)
+            with torch.no_grad():
+                self._compress(index, module, hidden, kwargs["position_embeddings"], cache)
+            return None
+
+        return hook
+
+    def _layer_cache(self, cache: Any, layer_idx: int, length: int) -> PrunedLayer:
+        layers = getattr(cache, "layers", None)
+        layer_cache = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+        if not isinstance(layer_cache, PrunedLayer):
+            raise VTPruneError(
+                f"the kv_cache site compresses transformers' DynamicCache (full-attention layers); layer "
+                f"{layer_idx} holds {type(layer_cache).__name__} — use the default cache (no static or sliding cache)"
+            )
+        if layer_cache.keys.shape[-2] != length:
+            raise VTPruneError(
+                "the kv_cache site compresses a cache filled by one prefill call; this cache held earlier tokens "
+                "(chunked prefill or a continued cache) — prefill the whole prompt in one call"
+            )
+        return layer_cache
+
+    def _compress(self, index: int, attn: nn.Module, hidden: Tensor, position_embeddings: tuple, cache: Any) -> None:
+        cutter, state = self.cutter, self.cutter.prefill
+        segment = state.segment_at(index)
+        layer_cache = self._layer_cache(cache, attn.layer_idx, hidden.shape[1])
+        key_mask = segment.mask2d.bool()
+        count = min(self.request.queries, int(key_mask.sum(1).min()))
+        rows = torch.stack([m.nonzero()[-count:, 0] for m in key_mask])  # [B, q] each sample's last real tokens
+        queries = project(attn, attn.q_proj, gather_rows(hidden, rows), "q_norm")  # [B, H, q, d]
+        cos, sin = position_embeddings
+        if cos.dim() != 3:
+            raise VTPruneError(f"the kv_cache site expects RoPE tables [B, L, d], got {tuple(cos.shape)}")
+        queries = rotate(attn, queries, gather_rows(cos, rows), gather_rows(sin, rows))
+        value = LayerKV(
+            keys=layer_cache.keys,
+            queries=queries,
+            hidden=hidden,
+            residual=state.layer_input if state.layer_input is not None else hidden,
+            key_mask=key_mask,
+            keys_pre_rope=rotate(attn, layer_cache.keys, cos, -sin) if self.request.pre_rope_keys else None,
+        )
+        ctx = cutter.context("kv_cache", hidden, index, {self.request: value})
+        plan = cutter.method.plan(ctx)
+        plan.validate(ctx.layout)
+        plan.heads = validate_heads(plan.heads, key_mask, layer_cache.keys.shape[1], cutter.method.name, index)
+        state.record.sites.extend(site_records(ctx, plan))
+        gather, valid = left_padded_heads(plan.heads, hidden.device)
+        ((layer_cache.keys, layer_cache.values),) = kernels.compact_cache(
+            [(layer_cache.keys, layer_cache.values)], gather, valid
+        )
+        self._give_segment(layer_cache, index, valid.to(segment.mask2d.dtype), segment, cache)
+
+    @staticmethod
+    def _give_segment(layer_cache: PrunedLayer, index: int, mask: Tensor, parent: Segment, cache: Any) -> None:
+        """The compressed layer's own segment; consecutive layers that keep the same padding share one."""
+        previous = cache.layers[index - 1] if index > 0 else None
+        if isinstance(previous, PrunedLayer) and previous.segment.positions is None:
+            if previous.segment.mask2d.shape == mask.shape and torch.equal(previous.segment.mask2d, mask):
+                layer_cache.segment, layer_cache.first = previous.segment, False
+                return
+        layer_cache.segment = Segment(index, mask, None, parent.offset, parent.prompt_length)
+        layer_cache.first = True
+
+
+def validate_heads(heads: list[Tensor] | None, key_mask: Tensor, cache_heads: int, name: str, layer: int) -> list[Tensor]:
+    """Per sample [H_c, C_b] positions, sorted per head; refuses plans that break the kv_cache contract."""
+    if heads is None or len(heads) != key_mask.shape[0]:
+        raise VTPruneError(f"method {name!r} must give, at the kv_cache site, per-head positions for every sample")
+    out = []
+    for b, positions in enumerate(heads):
+        if positions.dim() != 2 or positions.shape[0] != cache_heads:
+            raise VTPruneError(
+                f"method {name!r} gave kept positions of shape {tuple(positions.shape)} for sample {b} at layer "
+                f"{layer}; the cache has {cache_heads} heads: expected [{cache_heads}, C]"
+            )
+        positions = torch.sort(positions.to(key_mask.device), dim=1).values
+        real = key_mask[b]
+        outside = (positions < 0) | (positions >= real.numel())
+        if bool(outside.any()) or not bool(real[positions.clamp(0, real.numel() - 1)].all()):
+            raise VTPruneError(f"method {name!r} keeps padding or positions outside the sequence (sample {b})")
+        if positions.shape[1] > 1 and not bool((positions[:, 1:] > positions[:, :-1]).all()):
+            raise VTPruneError(f"method {name!r} keeps a position twice in one head (sample {b}, layer {layer})")
+        out.append(positions)
+    return out

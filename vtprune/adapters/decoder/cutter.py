@@ -1,0 +1,398 @@
+"""Cuts inside a transformers decoder language model (Llama, Qwen2, ...), shared by the family adapters.
+
+The language model is never forked. Forward pre-hooks on the language model and on its decoder layers:
+- at prefill, apply the method's `pre_llm` cut to the input embeddings and its `llm_layer` cuts between layers, each
+  through `vtprune.kernels.apply_cut`; the layers from one cut to the next form a `Segment`, and each layer's cache
+  entry becomes a `PrunedLayer` of its segment (see `cache.py`);
+- while decoding, give every layer a mask as long as its own cache and the positions its segment asks for, read from
+  the cache itself, so beam search, assisted decoding and continuing from a returned cache keep them right.
+
+Positions: "renumber" gives kept tokens contiguous positions (a token moves back by the number of visual tokens dropped
+before it); "original" keeps every token's position, leaving gaps. Decoding continues, per segment, at the incoming
+position minus the segment's offset. Subclasses with other position schemes (M-RoPE) override `reposition`, `rotary`
+and `expand_positions`. The kv_cache and llm_attention sites live in `cache_site.py` and `sparse_site.py`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from ...core.cut import compile_cut
+from ...core.errors import VTPruneError
+from ...core.layout import VisualLayout
+from ...core.method import SiteContext
+from ...core.plan import Merge
+from ...core.signals import PrefillKV, ProjectorInput, QueryAttention, Transitions, TransitionStats
+from ...core.trace import ForwardRecord, site_records
+from ...kernels import apply_cut
+from ..common import cache_argument, kwarg
+from .cache import PrunedLayer, Segment, pruned_layer
+from .cache_site import CacheSite
+from .qk import QUERY_KINDS, query_attention, query_rows
+from .sparse_site import SparseAttention
+from .state import Continuation, Prefill
+
+if TYPE_CHECKING:
+    from ...core.adapter import Adapter
+    from ...core.method import Method
+    from ...core.trace import Trace
+
+
+class DecoderCutter:
+    """Applies a method's `pre_llm` and `llm_layer` cuts (and its `kv_cache` / `llm_attention` sites) to one decoder
+    language model."""
+
+    def __init__(self, adapter: "Adapter", language_model: nn.Module) -> None:
+        self.adapter = adapter
+        self.lm = language_model
+        self.layers: nn.ModuleList = language_model.layers
+        self.prefill: Prefill | None = None
+        self.continuation: Continuation | None = None
+
+    # ----------------------------------------------------------------------------------------------- attaching
+    def attach(self, method: "Method", trace: "Trace", requests: list[Any]) -> None:
+        """Install the hooks for `method`; `requests` are its signal requests (the ones of the LM are served here)."""
+        self.method, self.trace = method, trace
+        n_layers = len(self.layers)
+        self.sites = method.cut_sites(self.adapter.info)
+        self.cuts = method.cut_layers(self.adapter.info) if "llm_layer" in self.sites else []
+        for layer in self.cuts:
+            if not 1 <= layer < n_layers:
+                raise VTPruneError(
+                    f"method {method.name!r} cuts before decoder layer {layer}, but the language model has layers "
+                    f"0..{n_layers - 1}; a cut must sit between two layers (1..{n_layers - 1})"
+                )
+        if self.cuts != sorted(set(self.cuts)):
+            raise VTPruneError(f"method {method.name!r} gave cut layers {self.cuts}; they must be ascending, unique")
+        self.queries = self._query_requests([r for r in requests if isinstance(r, QueryAttention)], n_layers)
+        self.transitions = self._transition_requests([r for r in requests if isinstance(r, Transitions)], n_layers)
+        for layer in self.transitions:
+            modules = (self.layers[layer].self_attn, self.layers[layer].mlp)
+            for which, module in enumerate(modules):
+                self.adapter.hook(module, self._transition_hook(layer, which), pre=False)
+        self.cache_site = None
+        if "kv_cache" in self.sites:
+            kv_requests = [r for r in requests if isinstance(r, PrefillKV)]
+            if len(kv_requests) != 1:
+                raise VTPruneError(f"method {method.name!r} cuts at the kv_cache site and must request one PrefillKV")
+            self.cache_site = CacheSite(self, kv_requests[0])
+        self.adapter.hook(self.lm, self._on_language_model)
+        if "llm_attention" in self.sites:  # per-layer attention among the tokens the method marks important
+            SparseAttention(self).attach()
+        for index in range(n_layers):  # every layer's cache becomes a PrunedLayer of its segment
+            self.adapter.hook(self.layers[index], self._layer_hook(index))
+        self.adapter.on_detach(self._reset)
+
+    def _query_requests(self, requests: list[QueryAttention], n_layers: int) -> dict[int, list[QueryAttention]]:
+        out: dict[int, list[QueryAttention]] = {}
+        for request in requests:
+            if not 0 <= request.layer < n_layers:
+                raise VTPruneError(f"QueryAttention at layer {request.layer}: the model has layers 0..{n_layers - 1}")
+            if self.cuts and request.layer > self.cuts[-1]:
+                raise VTPruneError(f"QueryAttention at layer {request.layer} comes after the last cut {self.cuts[-1]}")
+            if request.queries not in QUERY_KINDS:
+                raise VTPruneError(f"QueryAttention queries={request.queries!r}: use one of {', '.join(QUERY_KINDS)}")
+            out.setdefault(request.layer, []).append(request)
+        return out
+
+    def _transition_requests(self, requests: list[Transitions], n_layers: int) -> dict[int, list[Transitions]]:
+        out: dict[int, list[Transitions]] = {}
+        for request in requests:
+            for layer in request.layers:
+                if not 0 <= layer < n_layers or (self.cuts and layer >= self.cuts[-1]):
+                    raise VTPruneError(
+                        f"Transitions at layer {layer}: a cut must follow it (the model has layers 0..{n_layers - 1}, "
+                        f"the last cut sits before layer {self.cuts[-1] if self.cuts else None})"
+                    )
+                out.setdefault(layer, []).append(request)
+        return out
+
+    def _reset(self) -> None:
+        self.prefill = self.continuation = None
+
+    # ------------------------------------------------------------------------------------- language model input
+    def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise VTPruneError("vtprune expects the language model to be called with inputs_embeds")
+        cache = cache_argument(kwargs)
+        if getattr(cache, "is_compileable", False):
+            raise VTPruneError(
+                f"{type(cache).__name__} has a fixed length per layer; pruning needs a DynamicCache "
+                "(the default of generate())"
+            )
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise VTPruneError("vtprune needs a 2-D attention mask (batch, length), not a prepared 4-D mask")
+        self.prefill = self.continuation = None
+        past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:
+            return args, self._start_prefill(embeds, mask, kwargs.get("position_ids"), cache, kwargs)
+        return self._start_continuation(embeds, mask, kwargs.get("position_ids"), cache, past, args, kwargs)
+
+    def _start_prefill(self, embeds: Tensor, mask: Tensor | None, positions: Tensor | None, cache: Any,
+                       kwargs: dict) -> dict:
+        batch, length = embeds.shape[:2]
+        layout = self.adapter.take_layout(batch, length)
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+        if positions is None:
+            positions = torch.arange(length, device=embeds.device)
+        positions = self.expand_positions(positions, batch)
+        offset = torch.zeros(batch, dtype=torch.long, device=embeds.device)
+        segment = Segment(0, mask, positions, offset, length)
+        state = Prefill(length, layout, ForwardRecord(layout=layout), [segment])
+        self.prefill = state
+        self.trace.forwards.append(state.record)
+        if "pre_llm" in self.sites and layout.num_images:
+            ctx = self.context("pre_llm", embeds, None, self.adapter.vision_signals(layout))
+            embeds, segment = self._cut(ctx, embeds, segment, start=0)
+            state.segments = [segment]
+        if cache is not None:  # a cache the caller made (a language model makes its own after this hook)
+            pruned_layer(cache, 0, segment, first=True)
+        kwargs.update(inputs_embeds=embeds, attention_mask=segment.mask2d, position_ids=segment.positions)
+        return kwargs
+
+    def _start_continuation(self, embeds: Tensor, mask: Tensor | None, positions: Tensor | None, cache: Any,
+                            past: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        batch, query = embeds.shape[:2]
+        first = getattr(cache, "layers", [None])[0]
+        if not isinstance(first, PrunedLayer):
+            return None  # a cache filled outside any session: nothing was pruned, nothing to adjust
+        if mask is None:
+            mask = torch.ones(batch, past + query, dtype=torch.long, device=embeds.device)
+        if mask.shape[1] != past + query:
+            raise VTPruneError(
+                f"this call brings {query} tokens and a mask of {mask.shape[1]}, but the cache stands for {past} "
+                "tokens; give the mask of the whole sequence (cache and new tokens)"
+            )
+        if positions is None:
+            positions = torch.arange(query, device=embeds.device) + past
+        self.continuation = Continuation(mask, self.expand_positions(positions, batch))
+        segment = first.segment
+        kwargs.update(
+            attention_mask=self._continuation_mask(segment),
+            position_ids=self.shift(self.continuation.positions, segment.offset),
+        )
+        return args, kwargs
+
+    # ---------------------------------------------------------------------------------------- decoder layers
+    def _layer_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if self.prefill is not None:
+                return self._prefill_layer(index, module, args, kwargs)
+            if self.continuation is not None:
+                return args, self._continuation_layer(index, args, kwargs)
+            return None
+
+        return hook
+
+    def _prefill_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        state = self.prefill
+        hidden = kwarg(args, kwargs, "hidden_states", 0)
+        segment = state.segment_at(index)
+        if segment.start > 0:
+            kwargs = self._with_prepared(kwargs, state.prepared[segment.start])
+        for request in self.queries.get(index, []):
+            rows = [query_rows(state.layout, b, segment.mask2d, request.queries) for b in range(hidden.shape[0])]
+            state.signals[request] = query_attention(module, hidden, kwargs["position_embeddings"], segment.mask2d, rows)
+        if index in self.cuts:
+            ctx = self.context("llm_layer", hidden, index, dict(state.signals))
+            hidden, segment = self._cut(ctx, hidden, segment, start=index)
+            state.segments.append(segment)
+            state.prepared[index] = (
+                self._layer_mask(hidden, segment.mask2d, None, segment.positions, index),
+                self.rotary(hidden, segment.positions),
+            )
+            kwargs = self._with_prepared(kwargs, state.prepared[index])
+            if args:
+                args = (hidden, *args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+        cache = cache_argument(kwargs)
+        if cache is not None:
+            pruned_layer(cache, index, segment, first=segment.start == index)
+        state.layer_input = hidden
+        return args, kwargs
+
+    def _continuation_layer(self, index: int, args: tuple, kwargs: dict) -> dict:
+        cache = cache_argument(kwargs)
+        layer_cache = cache.layers[index] if cache is not None and index < len(cache.layers) else None
+        first = cache.layers[0] if cache is not None else None
+        segment = getattr(layer_cache, "segment", None)
+        if segment is None or segment is getattr(first, "segment", None):
+            return kwargs  # same as the language model's input: its mask and positions apply
+        memo = self.continuation.per_segment
+        if id(segment) not in memo:
+            hidden = kwarg(args, kwargs, "hidden_states", 0)
+            positions = self.shift(self.continuation.positions, segment.offset)
+            mask = self._layer_mask(hidden, self._continuation_mask(segment), cache, positions, index)
+            memo[id(segment)] = (mask, self.rotary(hidden, positions))
+        return self._with_prepared(kwargs, memo[id(segment)])
+
+    @staticmethod
+    def _with_prepared(kwargs: dict, prepared: tuple[Any, Any]) -> dict:
+        """The layer's kwargs with another attention mask and RoPE tables."""
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"], kwargs["position_embeddings"] = prepared
+        if "position_ids" in kwargs:
+            kwargs["position_ids"] = None
+        return kwargs
+
+    def _layer_mask(self, hidden: Tensor, mask2d: Tensor, cache: Any, positions: Tensor | None, layer: int) -> Any:
+        layer_types = getattr(self.lm.config, "layer_types", None)
+        sliding = layer_types is not None and layer_types[layer] == "sliding_attention"
+        build = create_sliding_window_causal_mask if sliding else create_causal_mask
+        return build(
+            config=self.lm.config,
+            inputs_embeds=hidden,
+            attention_mask=mask2d,
+            cache=cache,
+            position_ids=positions,
+            layer_idx=layer,
+        )
+
+    def _continuation_mask(self, segment: Segment) -> Tensor:
+        """The segment's prompt mask as its cache stores it, followed by the caller's mask of everything after it."""
+        tail = self.continuation.mask[:, segment.prompt_length :].to(segment.mask2d.dtype)
+        return torch.cat([segment.mask2d, tail], dim=1)
+
+    def _transition_hook(self, index: int, which: int):
+        """Forward hook on layer `index`'s attention (which=0) or MLP (which=1): norm ratio and cosine, in fp32."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            state = self.prefill
+            if state is None:  # only during a prefill inside the session
+                return
+            x_in = kwarg(args, kwargs, "hidden_states", 0).detach().float()
+            x_out = (output[0] if isinstance(output, tuple) else output).detach().float()
+            ratio = x_out.norm(dim=-1) / x_in.norm(dim=-1)
+            cosine = F.cosine_similarity(x_in, x_out, dim=-1, eps=1e-8)
+            if which == 0:
+                state.attention_transition = (ratio, cosine)
+                return
+            attn_ratio, attn_cosine = state.attention_transition
+            stats = TransitionStats(
+                ratio=torch.stack([attn_ratio, ratio], dim=1),
+                cosine=torch.stack([attn_cosine, cosine], dim=1),
+                mask=state.segment_at(index).mask2d,
+                layout=state.layout,
+            )
+            for request in self.transitions[index]:
+                state.signals.setdefault(request, {})[index] = stats
+
+        return hook
+
+    # --------------------------------------------------------------------------------------------- the cut
+    def context(self, site: str, hidden: Tensor, layer: int | None, signals: dict) -> SiteContext:
+        """The method's view of a cut in the current prefill (the cut's index among this forward's cuts advances)."""
+        state = self.prefill
+        ctx = SiteContext(
+            site=site,
+            layout=state.layout,
+            signals={k: dict(v) if isinstance(v, dict) else v for k, v in signals.items()},
+            info=self.adapter.info,
+            hidden_states=hidden,
+            layer=layer,
+            stage=state.stage,
+            state=state.method_state,
+        )
+        state.stage += 1
+        return ctx
+
+    def _cut(self, ctx: SiteContext, hidden: Tensor, segment: Segment, start: int) -> tuple[Tensor, Segment]:
+        """Plan with the method, then apply the plan (merges, compaction, reordering). Returns the new hidden states
+        and the segment of the layers from `start` on."""
+        state = self.prefill
+        with torch.no_grad():
+            plan = self.method.plan(ctx)
+        cut = compile_cut(plan, ctx.layout, segment.mask2d.bool())  # padding is dropped too (left-padded again)
+        state.record.sites.extend(site_records(ctx, plan))
+        positions, offset = self.reposition(
+            self.method.position_mode(ctx), ctx.layout, cut.keep, segment.positions, segment.offset
+        )
+        hidden, positions, mask2d = apply_cut(
+            cut, hidden, positions, segment.mask2d, encoder_merge=lambda x, merges: self._encoder_merge(ctx, x, merges)
+        )
+        state.layout = cut.layout
+        return hidden, Segment(start, mask2d, positions, offset, segment.prompt_length)
+
+    def _encoder_merge(self, ctx: SiteContext, hidden: Tensor, merges_per_sample: list[list[Merge]]) -> Tensor:
+        """Write merges of encoder tokens into their slots: projector(sum(weights * projector input rows))."""
+        features = ctx.signals.get(ProjectorInput())
+        project = getattr(self.adapter, "project", None)
+        if ctx.site != "pre_llm" or features is None or project is None:
+            raise VTPruneError(
+                f"method {self.method.name!r} merges encoder tokens (space='encoder'): that needs the pre_llm site, "
+                "an adapter with a projector and the ProjectorInput signal requested"
+            )
+        layout = ctx.layout
+        batch, slot, rows, weights, segment = [], [], [], [], []
+        for b, merges in enumerate(merges_per_sample):
+            positions = layout.visual_positions(b)
+            image_of = torch.cat([torch.full((sl.stop - sl.start,), span.image) for span, sl in layout.ordinal_slices(b)])
+            for merge in merges:
+                tokens = merge.sources.cpu()
+                if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= features.shape[1]):
+                    raise VTPruneError(f"encoder merge sources must lie in 0..{features.shape[1] - 1}")
+                batch.append(b)
+                slot.append(int(positions[merge.slot]))
+                rows.append(int(image_of[merge.slot]) * features.shape[1] + tokens)
+                weights.append(merge.weights.float().cpu())
+                segment.append(torch.full((tokens.numel(),), len(slot) - 1))
+        flat = features.reshape(-1, features.shape[-1])
+        weighted = flat[torch.cat(rows).to(flat.device)].float() * torch.cat(weights).to(flat.device)[:, None]
+        sums = torch.zeros(len(slot), flat.shape[-1], dtype=torch.float32, device=flat.device)
+        sums = sums.index_add(0, torch.cat(segment).to(flat.device), weighted)
+        values = project(sums.to(features.dtype))  # [n, D_llm]
+        hidden = hidden.clone()
+        hidden[torch.tensor(batch, device=hidden.device), torch.tensor(slot, device=hidden.device)] = values.to(
+            device=hidden.device, dtype=hidden.dtype
+        )
+        return hidden
+
+    def reposition(
+        self, mode: str, layout: VisualLayout, keep: list[Tensor], positions: Tensor, offset: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The positions tokens take after a cut (same shape as `positions`, before compaction) and the new offset.
+
+        keep[b]: the sequence positions sample b keeps. "renumber": each token moves back by the visual tokens dropped
+        before it, and decoding moves back by all dropped ones; "original": nothing moves.
+        """
+        if mode != "renumber":
+            return positions, offset
+        dropped = self.dropped(layout, keep).to(positions.device)
+        return positions - (dropped.cumsum(1) - dropped), offset + dropped.sum(1)
+
+    @staticmethod
+    def dropped(layout: VisualLayout, keep: list[Tensor]) -> Tensor:
+        """[B, L] long: 1 at the visual tokens a cut drops."""
+        dropped = torch.zeros(layout.batch_size, layout.seq_len, dtype=torch.long)
+        for b in range(layout.batch_size):
+            dropped[b, layout.visual_positions(b)] = 1
+            dropped[b, keep[b]] = 0
+        return dropped
+
+    # ------------------------------------------------------------------------------------------ positions
+    def rotary(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return self.lm.rotary_emb(hidden, positions)
+
+    @staticmethod
+    def expand_positions(positions: Tensor, batch: int) -> Tensor:
+        if positions.dim() == 1:
+            positions = positions[None]
+        if positions.shape[-2] == batch:
+            return positions
+        return positions.expand(*positions.shape[:-2], batch, positions.shape[-1])
+
+    @staticmethod
+    def shift(positions: Tensor, offset: Tensor) -> Tensor:
+        """Incoming positions [B, q] or [P, B, q] minus the offset [B] (or [P', B]: the last P rows apply)."""
+        if offset.dim() == 2:
+            offset = offset[-positions.shape[0] :]
+        return positions - offset[..., None]

@@ -1,0 +1,168 @@
+"""The trace of a session: for every prefill forward, the visual layout at the input and what each cut kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .layout import VisualLayout
+from .plan import KeepPlan, Merge
+
+if TYPE_CHECKING:
+    from .method import Method, SiteContext
+
+
+@dataclass
+class SiteRecord:
+    """What one cut did to one sample. Ordinals are the sample's original visual ordinals."""
+
+    site: str
+    layer: int | None
+    sample: int
+    before: Tensor  # ordinals present before the cut
+    kept: Tensor  # ordinals present after the cut (merged tokens sit at a kept ordinal)
+    scores: Tensor | None = None  # [len(before)] the method's score of each token present before the cut
+    # merged tokens: {"slot", "sources", "weights", "space"} in ordinals; for space "encoder" also "encoder_tokens"
+    # (the encoder's token indices), and "sources" holds -1 for a token that is no patch (e.g. [CLS])
+    merged: list[dict[str, Any]] = field(default_factory=list)
+    cache_positions: Tensor | None = None  # kv_cache site: [H_c, C] positions (in the layer's sequence) each head kept
+    notes: dict[str, Any] = field(default_factory=dict)  # what the method reported (KeepPlan.notes)
+
+    @property
+    def visual_before(self) -> int:
+        return int(self.before.numel())
+
+    @property
+    def visual_after(self) -> int:
+        return int(self.kept.numel())
+
+
+@dataclass
+class ForwardRecord:
+    """One prefill forward: the visual layout at the language-model input and every cut made."""
+
+    layout: VisualLayout
+    sites: list[SiteRecord] = field(default_factory=list)
+
+
+class Trace:
+    """Records every prefill forward run inside `with method(model) as trace:`."""
+
+    def __init__(self, method: "Method") -> None:
+        self.method = method
+        self.forwards: list[ForwardRecord] = []
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per forward, sample and cut: visual tokens before/after and the kept original ordinals."""
+        rows = []
+        for f, record in enumerate(self.forwards):
+            for site in record.sites:
+                rows.append(
+                    {
+                        "forward": f,
+                        "sample": site.sample,
+                        "site": site.site,
+                        "layer": site.layer,
+                        "visual_before": site.visual_before,
+                        "visual_after": site.visual_after,
+                        "kept_indices": site.kept.tolist(),
+                        "merged": len(site.merged),
+                    }
+                )
+        return rows
+
+    def visual_tokens(self, forward: int = -1) -> list[tuple[int, int]]:
+        """Per sample of a forward: (visual tokens at the LLM input, visual tokens after the last cut)."""
+        record = self.forwards[forward]
+        out = []
+        for b in range(record.layout.batch_size):
+            sites = [s for s in record.sites if s.sample == b]
+            before = record.layout.num_visual(b)
+            out.append((before, sites[-1].visual_after if sites else before))
+        return out
+
+    def image_map(self, image: int, forward: int = -1) -> tuple[Tensor, Tensor]:
+        """For one image: (scores, kept) on its patch grid, from the first cut that scored it and the last cut.
+
+        scores: float [rows, cols] (NaN where unscored); kept: bool [rows, cols].
+        """
+        record = self.forwards[forward]
+        for b, spans in enumerate(record.layout.spans):
+            for span, sl in record.layout.ordinal_slices(b):
+                if span.image == image:
+                    return self._span_map(record, b, span, sl)
+        raise KeyError(f"image {image} is not in forward {forward}")
+
+    @staticmethod
+    def _span_map(record: ForwardRecord, sample: int, span, sl: slice) -> tuple[Tensor, Tensor]:
+        rows, cols = span.grid
+        scores = torch.full((rows * cols,), float("nan"))
+        kept = torch.zeros(rows * cols, dtype=torch.bool)
+        sites = [s for s in record.sites if s.sample == sample]
+        patch = span.patch_index
+        is_patch = patch >= 0
+        scored = next((s for s in sites if s.scores is not None), None)
+        if scored is not None:
+            full = torch.full((record.layout.num_visual(sample),), float("nan"))
+            full[scored.before] = scored.scores.float()
+            scores[patch[is_patch]] = full[sl][is_patch]
+        present = torch.zeros(record.layout.num_visual(sample), dtype=torch.bool)
+        present[sites[-1].kept if sites else torch.arange(record.layout.num_visual(sample))] = True
+        for site in sites:  # a slot whose merged value does not draw on its own token no longer shows that patch
+            for merge in site.merged:
+                if merge["slot"] not in merge["sources"]:
+                    present[merge["slot"]] = False
+        kept[patch[is_patch]] = present[sl][is_patch]
+        return scores.view(rows, cols), kept.view(rows, cols)
+
+    def __str__(self) -> str:
+        lines = [f"{'fwd':>3} {'sample':>6} {'site':<10} {'layer':>5} {'before':>6} {'after':>6}"]
+        for row in self.summary():
+            layer = "" if row["layer"] is None else row["layer"]
+            lines.append(
+                f"{row['forward']:>3} {row['sample']:>6} {row['site']:<10} {layer:>5} "
+                f"{row['visual_before']:>6} {row['visual_after']:>6}"
+            )
+        return "\n".join(lines)
+
+
+def site_records(ctx: SiteContext, plan: KeepPlan) -> list[SiteRecord]:
+    """One record per sample of what the cut at `ctx` kept and merged, in original visual ordinals."""
+    layout, records = ctx.layout, []
+    for b in range(layout.batch_size):
+        original = layout.original_ordinal[b]
+        merged = [merge_record(ctx, b, m) for m in (plan.merges[b] if plan.merges else [])]
+        records.append(
+            SiteRecord(
+                site=ctx.site,
+                layer=ctx.layer,
+                sample=b,
+                before=original.clone(),
+                kept=original[plan.sequence_order(b).cpu()],
+                scores=plan.scores[b] if plan.scores is not None else None,
+                merged=merged,
+                cache_positions=plan.heads[b].cpu() if plan.heads is not None else None,
+                notes=plan.notes,
+            )
+        )
+    return records
+
+
+def merge_record(ctx: SiteContext, sample: int, merge: Merge) -> dict[str, Any]:
+    """A merge in original ordinals; encoder tokens map to the ordinal of their patch (-1 when none, e.g. [CLS])."""
+    layout = ctx.layout
+    original = layout.original_ordinal[sample]
+    sources = merge.sources.cpu()
+    record = {"slot": int(original[merge.slot]), "weights": merge.weights.float().cpu().tolist(), "space": merge.space}
+    if merge.space == "sequence":
+        return {**record, "sources": original[sources].tolist()}
+    span, sl = next((span, sl) for span, sl in layout.ordinal_slices(sample) if sl.start <= merge.slot < sl.stop)
+    ordinal_of_patch = torch.full((span.grid[0] * span.grid[1],), -1, dtype=torch.long)
+    is_patch = span.patch_index >= 0
+    ordinal_of_patch[span.patch_index[is_patch]] = original[sl][is_patch]
+    patch = sources - int(ctx.info.vision_has_cls)
+    ordinals = torch.where(patch >= 0, ordinal_of_patch[patch.clamp(min=0)], torch.full_like(patch, -1))
+    return {**record, "sources": ordinals.tolist(), "encoder_tokens": sources.tolist()}
