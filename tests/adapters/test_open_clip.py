@@ -30,6 +30,7 @@ KEEP_FOUR = {
     "pool": dict(keep=4),
 }
 NOT_ON_OPEN_CLIP = {
+    "dart": "cuts between decoder layers; an open_clip tower has no language model",
     "fastv": "cuts between decoder layers; an open_clip tower has no language model",
     "gui-kv": "compresses a language model's KV cache",
     "transprune": "cuts between decoder layers; an open_clip tower has no language model",

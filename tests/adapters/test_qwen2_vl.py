@@ -15,6 +15,7 @@ KEEP_ALL = [
     ("random", dict(keep=1.0)),
     ("pool", dict(keep=1.0)),
     ("fastv", dict(keep=1.0, layer=1)),
+    ("dart", dict(keep=1.0, layer=2)),
     ("gui-kv", dict(keep=1.0)),
     ("gui-kv", dict(keep=1.0, gqa_reduce="expand", temporal_keys="pre_rope")),
     ("zipvl", dict(tau=1.0)),

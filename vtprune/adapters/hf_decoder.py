@@ -32,7 +32,9 @@ from ..core.layout import VisualLayout
 from ..core.method import SiteContext
 from ..core.plan import KeepPlan, Merge
 from ..core.session import ForwardRecord
-from ..core.signals import PrefillKV, ProjectorInput, QueryAttention, Transitions, TransitionStats
+from ..core.signals import (
+    FinalNormHidden, KeyStates, LayerKeys, PrefillKV, ProjectorInput, QueryAttention, Transitions, TransitionStats,
+)
 from .cuts import merge_planned, site_records
 from .hf_attention import SparseAttention
 
@@ -103,7 +105,12 @@ class DecoderCutter:
 
     # ----------------------------------------------------------------------------------------------- attaching
     def attach(
-        self, method: "Method", trace: "Trace", queries: list[QueryAttention], transitions: list[Transitions] = ()
+        self,
+        method: "Method",
+        trace: "Trace",
+        queries: list[QueryAttention],
+        transitions: list[Transitions] = (),
+        layer_states: list[LayerKeys | FinalNormHidden] = (),
     ) -> None:
         self.method, self.trace, self.state = method, trace, None
         n_layers = len(self.layers)
@@ -126,6 +133,14 @@ class DecoderCutter:
             if request.queries not in ("last", "after_visual", "text"):
                 raise VTPruneError(f"QueryAttention queries={request.queries!r}: use 'last', 'after_visual' or 'text'")
             self.queries.setdefault(request.layer, []).append(request)
+        self.layer_states: dict[int, list[LayerKeys | FinalNormHidden]] = {}
+        for request in layer_states:  # read at the layer's input, before a cut made at it
+            if not 0 <= request.layer < n_layers or (self.cuts and request.layer > self.cuts[-1]):
+                raise VTPruneError(
+                    f"{type(request).__name__} at layer {request.layer}: the model has layers 0..{n_layers - 1} and the "
+                    f"signal must be read at or before the last cut (layer {self.cuts[-1] if self.cuts else None})"
+                )
+            self.layer_states.setdefault(request.layer, []).append(request)
         self.transitions: dict[int, list[Transitions]] = {}
         for request in transitions:
             for layer in request.layers:
@@ -150,7 +165,7 @@ class DecoderCutter:
         self.adapter.hook(self.lm, self._on_language_model)
         if "llm_attention" in self.sites:  # per-layer attention among the tokens the method marks important
             SparseAttention(self, method).attach()
-        first_hooked = 0 if self.cache_site else min([*self.cuts, *self.queries], default=n_layers)
+        first_hooked = 0 if self.cache_site else min([*self.cuts, *self.queries, *self.layer_states], default=n_layers)
         for index in range(first_hooked, n_layers):
             self.adapter.hook(self.layers[index], self._layer_hook(index))
         self.adapter.on_detach(self._reset)
@@ -245,6 +260,8 @@ class DecoderCutter:
             if prefill:
                 for request in self.queries.get(index, []):
                     state.signals[request] = self._query_attention(module, hidden, kwargs, segment, request)
+                for request in self.layer_states.get(index, []):
+                    state.signals[request] = self._layer_state(module, hidden, kwargs, segment, request)
                 if index in self.cuts:
                     ctx = self._context("llm_layer", hidden, index, dict(state.signals))
                     hidden, new_segment = self._cut(ctx, hidden, segment, start=index)
@@ -503,6 +520,19 @@ class DecoderCutter:
                 probs = attention_rows(q, k, attn.scaling, key_mask=mask2d[b : b + 1].bool(), query_positions=rows[None])
                 out.append(probs[0])
         return out
+
+    def _layer_state(
+        self, layer: nn.Module, hidden: Tensor, kwargs: dict, segment: Segment, request: LayerKeys | FinalNormHidden
+    ) -> KeyStates | Tensor:
+        """`LayerKeys`: the layer's post-RoPE keys from its own norm, k projection and RoPE; `FinalNormHidden`: the
+        language model's final norm of the layer's input."""
+        with torch.no_grad():
+            if isinstance(request, FinalNormHidden):
+                return self.lm.norm(hidden)
+            attn = layer.self_attn
+            cos, sin = kwargs["position_embeddings"]
+            keys = self._project(attn, attn.k_proj, layer.input_layernorm(hidden), "k_norm")  # [B, H_kv, L, d]
+            return KeyStates(keys=self.rotate(attn, keys, cos, sin), mask=segment.mask2d.bool())
 
     @staticmethod
     def _project(attn: nn.Module, proj: nn.Module, x: Tensor, norm_name: str) -> Tensor:

@@ -17,7 +17,7 @@ fourth, first row carries the plain sequence index (transformers uses it for mas
   (and `model.model.rope_deltas`) for the unpruned prompt, untouched, and the cutter subtracts it from every incoming
   position. In both modes the sequence-index row is renumbered to the compacted sequence.
 
-Sites: `pre_llm`, `llm_layer`, `kv_cache`. Signals: `QueryAttention`, `PrefillKV`. The vision tower has no [CLS]
+Sites: `pre_llm`, `llm_layer`, `kv_cache`. Signals: `QueryAttention`, `PrefillKV`, `LayerKeys`, `FinalNormHidden`. The vision tower has no [CLS]
 token, so methods that need `ClsAttention` (vtc-cls) are refused; videos are refused.
 """
 
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..core.adapter import Adapter, register_adapter
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout, VisualSpan
-from ..core.signals import ModelInfo, PrefillKV, QueryAttention
+from ..core.signals import FinalNormHidden, LayerKeys, ModelInfo, PrefillKV, QueryAttention
 from .hf_decoder import DecoderCutter, _kwarg, prompt_input_ids
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def _qwen_classes() -> tuple[type, ...]:
 class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
     sites = frozenset({"pre_llm", "llm_layer", "kv_cache", "llm_attention"})
-    signals = frozenset({QueryAttention, PrefillKV})
+    signals = frozenset({QueryAttention, PrefillKV, LayerKeys, FinalNormHidden})
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -139,7 +139,12 @@ class QwenVLAdapter(Adapter):
         self.hook(self.model.model.visual, self._on_vision)
         self.hook(self.model.model, self._on_model)
         requests = method.requests(self.info)
-        self.cutter.attach(method, trace, [r for r in requests if isinstance(r, QueryAttention)])
+        self.cutter.attach(
+            method,
+            trace,
+            [r for r in requests if isinstance(r, QueryAttention)],
+            layer_states=[r for r in requests if isinstance(r, (LayerKeys, FinalNormHidden))],
+        )
         self.on_detach(self._forget)
 
     def _forget(self) -> None:

@@ -12,6 +12,9 @@ from .session import ForwardRecord, Session, SiteRecord, Trace
 from .search import Choice, IntRange, Param, Uniform
 from .signals import (
     ClsAttention,
+    FinalNormHidden,
+    KeyStates,
+    LayerKeys,
     LayerKV,
     ModelInfo,
     PixelValues,
@@ -25,7 +28,8 @@ from .signals import (
 )
 
 __all__ = [
-    "Adapter", "Choice", "ClsAttention", "ForwardRecord", "IntRange", "KeepPlan", "LayerKV", "Merge", "Method",
+    "Adapter", "Choice", "ClsAttention", "FinalNormHidden", "ForwardRecord", "IntRange", "KeepPlan", "KeyStates",
+    "LayerKeys", "LayerKV", "Merge", "Method",
     "ModelInfo", "Param", "PixelValues", "PrefillKV", "ProjectorInput", "QueryAttention", "SCOPES", "Session",
     "SiteContext", "SiteRecord", "Trace", "TransitionStats", "Transitions", "Uniform", "UnsupportedModelError",
     "UnsupportedSignalError", "VTPruneError", "VisionAttention", "VisionKeys", "VisualLayout", "VisualSpan",
