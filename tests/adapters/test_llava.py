@@ -13,6 +13,7 @@ from tests.helpers import GRID, build_tiny_llava, hooks_of
 KEEP_ALL = {
     "vtc-cls": dict(keep=1.0, start_layer=0),
     "dart": dict(keep=1.0, layer=2),
+    "divprune": dict(keep=1.0),
     "fastv": dict(keep=1.0, layer=2),
     "random": dict(keep=1.0),
     "pool": dict(keep=GRID * GRID),
@@ -54,6 +55,7 @@ def test_keep_all_reproduces_dense_logits(tiny_llava, batch, name):
 KEEP_FOUR = {
     "vtc-cls": dict(keep=4, start_layer=0),
     "dart": dict(keep=4, layer=2),
+    "divprune": dict(keep=4),
     "fastv": dict(keep=4, layer=2),
     "random": dict(keep=4, seed=3),
     "pool": dict(keep=4),

@@ -31,6 +31,7 @@ KEEP_FOUR = {
 }
 NOT_ON_OPEN_CLIP = {
     "dart": "cuts between decoder layers; an open_clip tower has no language model",
+    "divprune": "selects on the language model's input embeddings (projector outputs); no encoder-site variant",
     "fastv": "cuts between decoder layers; an open_clip tower has no language model",
     "gui-kv": "compresses a language model's KV cache",
     "transprune": "cuts between decoder layers; an open_clip tower has no language model",

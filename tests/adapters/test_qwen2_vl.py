@@ -16,6 +16,7 @@ KEEP_ALL = [
     ("pool", dict(keep=1.0)),
     ("fastv", dict(keep=1.0, layer=1)),
     ("dart", dict(keep=1.0, layer=2)),
+    ("divprune", dict(keep=1.0)),
     ("gui-kv", dict(keep=1.0)),
     ("gui-kv", dict(keep=1.0, gqa_reduce="expand", temporal_keys="pre_rope")),
     ("zipvl", dict(tau=1.0)),

@@ -9,12 +9,11 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import vtprune
 from tests.adapters.qwen_builders import KINDS, build_qwen_processor, build_tiny_qwen, two_screenshot_batch
-from tests.adapters.test_llava import compact, greedy, image_embeddings
 from tests.helpers import hooks_of
+from tests.methods.references import llava_layer_cut_reference
 from vtprune.core import FinalNormHidden, KeepPlan, LayerKeys, Method, keep_all
 from vtprune.methods.dart import dart_select
 
@@ -187,52 +186,8 @@ def test_generate_with_left_padding_equals_reference(tiny_llava, batch):
         with vtprune.make("dart", keep=5, layer=cut)(tiny_llava) as trace:
             pruned = tiny_llava.generate(**batch, max_new_tokens=steps, do_sample=False)[:, -steps:]
         kept = [row["kept_indices"] for row in trace.summary()]
-        assert [len(k) for k in kept] == [5, 10]
-        embeds = image_embeddings(tiny_llava, batch)
-        lm, head = tiny_llava.model.language_model, tiny_llava.lm_head
-        full_mask = batch["attention_mask"].clone()
-        full_positions = (full_mask.cumsum(1) - 1).clamp(min=0) * full_mask
-        rows, length = compact(batch, embeds, kept)
-        short_mask = torch.zeros(2, length, dtype=torch.long)
-        short_positions = torch.zeros(2, length, dtype=torch.long)
-        for b, keep in enumerate(rows):
-            short_mask[b, length - len(keep) :] = full_mask[b, keep]
-            short_positions[b, length - len(keep) :] = full_positions[b, keep]
-        cache = DynamicCache(config=lm.config)
-
-        def layer_mask(pad_mask, query_len):
-            kv = pad_mask.shape[1]
-            causal = torch.ones(query_len, kv, dtype=torch.bool).tril(kv - query_len)
-            return causal[None, None] & pad_mask.bool()[:, None, None, :]
-
-        def run(x, masks, positions, layers):
-            for index in layers:
-                which = 0 if index < cut else 1
-                x = lm.layers[index](
-                    x,
-                    attention_mask=layer_mask(masks[which], x.shape[1]),
-                    position_embeddings=lm.rotary_emb(x, positions[which]),
-                    cache=cache,
-                )
-            return x
-
-        x = run(embeds, [full_mask], [full_positions], range(cut))
-        short = torch.zeros(2, length, x.shape[-1])
-        for b, keep in enumerate(rows):
-            short[b, length - len(keep) :] = x[b, keep]
-        x = run(short, [full_mask, short_mask], [full_positions, short_positions], range(cut, len(lm.layers)))
-        first = head(lm.norm(x)[:, -1])
-        masks = [full_mask, short_mask]
-        next_position = full_positions[:, -1]
-
-        def step(token, t):
-            for i in range(2):
-                masks[i] = torch.cat([masks[i], torch.ones(2, 1, dtype=torch.long)], dim=1)
-            position = (next_position + t)[:, None]  # original positions: decoding continues at the unpruned length
-            x = tiny_llava.model.get_input_embeddings()(token[:, None])
-            return head(lm.norm(run(x, masks, [position, position], range(len(lm.layers))))[:, -1])
-
-        reference = greedy(step, first, steps)
+        reference = llava_layer_cut_reference(tiny_llava, batch, kept, cut, steps)
+    assert [len(k) for k in kept] == [5, 10]
     assert torch.equal(pruned, reference)
 
 
