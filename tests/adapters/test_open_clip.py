@@ -37,6 +37,7 @@ NOT_ON_OPEN_CLIP = {
     "transprune": "cuts between decoder layers; an open_clip tower has no language model",
     "vflowopt": "prunes at the language model's input and between its decoder layers",
     "visionzip": "merges before the projector into a language model's input (no encoder-site variant)",
+    "vispruner": "selects for a language model's input from the projector's input features (no encoder-site variant)",
     "zipvl": "sparsifies a language model's attention and KV cache",
 }
 

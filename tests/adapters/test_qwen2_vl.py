@@ -25,6 +25,7 @@ KEEP_ALL = [
 NOT_ON_QWEN = {
     "vtc-cls": "the Qwen vision tower has no [CLS] token",
     "visionzip": "the Qwen vision tower has no [CLS] token",
+    "vispruner": "the Qwen vision tower has no [CLS] token",
     "transprune": "the adapter does not provide Transitions (renumbered M-RoPE ids are not defined by the spec)",
     "vflowopt": "the adapter does not provide VisionAttention (spec §9: last full-attention block, 2x2 merger groups)",
 }
