@@ -12,6 +12,9 @@ from tests.helpers import GRID, build_tiny_llava, hooks_of
 # Options that keep every visual token, per method; every method the LLaVA adapter supports must be listed.
 KEEP_ALL = {
     "vtc-cls": dict(keep=1.0, start_layer=0),
+    "dart": dict(keep=1.0, layer=2),
+    "divprune": dict(keep=1.0),
+    "vispruner": dict(keep=1.0),
     "fastv": dict(keep=1.0, layer=2),
     "random": dict(keep=1.0),
     "pool": dict(keep=GRID * GRID),
@@ -52,6 +55,9 @@ def test_keep_all_reproduces_dense_logits(tiny_llava, batch, name):
 
 KEEP_FOUR = {
     "vtc-cls": dict(keep=4, start_layer=0),
+    "dart": dict(keep=4, layer=2),
+    "divprune": dict(keep=4),
+    "vispruner": dict(keep=4),
     "fastv": dict(keep=4, layer=2),
     "random": dict(keep=4, seed=3),
     "pool": dict(keep=4),
@@ -59,7 +65,7 @@ KEEP_FOUR = {
     "vflowopt": dict(vit_keep=0.25, cell=4.0, llm_keep1=1.0, llm_keep2=1.0),  # 16 - 12 - 1 + 1 recycled = 4
     "visionzip": dict(keep=4),  # [CLS], 2 dominant patches, 1 contextual token
 }  # gui-kv compresses the cache, not the sequence: see test_kv_cache_site_compresses_every_layer below
-FIRST_CUT = {"fastv": 2, "transprune": 2}  # decoder layer before which the sequence shortens (0: the LLM input)
+FIRST_CUT = {"fastv": 2, "transprune": 2, "dart": 2}  # decoder layer before which the sequence shortens (0: the LLM input)
 
 
 @pytest.mark.parametrize("name", sorted(KEEP_FOUR))

@@ -15,6 +15,7 @@ BUILDERS = {"next": build_tiny_llava_next, "onevision": build_tiny_onevision, "n
 NOT_ON_ANYRES = {  # methods these adapters refuse, and why
     "vflowopt": "maps encoder attention to tokens by image index: no tiles, no pooled frames yet",
     "visionzip": "merges encoder tokens by image index: no tiles, no pooled frames yet",
+    "vispruner": "needs ProjectorInput (pre-projector features), which these adapters do not offer yet",
 }
 # grids differ here: pool keeps every cell with a ratio
 KEEP_EVERY_TOKEN = {**{k: v for k, v in KEEP_ALL.items() if k not in NOT_ON_ANYRES}, "pool": dict(keep=1.0)}
@@ -195,7 +196,7 @@ def test_vtc_cls_is_refused_on_a_tower_without_cls(models):
 def test_methods_without_tiles_or_frames_are_refused(models, name):
     model = models["next"]
     hooks = hooks_of(model)
-    with pytest.raises(vtprune.UnsupportedSignalError, match=f"method '{name}' needs the signal Vision"):
+    with pytest.raises(vtprune.UnsupportedSignalError, match=f"method '{name}' needs the signal (Vision|ProjectorInput)"):
         with vtprune.make(name)(model):
             pass
     assert hooks_of(model) == hooks

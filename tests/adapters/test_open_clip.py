@@ -30,11 +30,14 @@ KEEP_FOUR = {
     "pool": dict(keep=4),
 }
 NOT_ON_OPEN_CLIP = {
+    "dart": "cuts between decoder layers; an open_clip tower has no language model",
+    "divprune": "selects on the language model's input embeddings (projector outputs); no encoder-site variant",
     "fastv": "cuts between decoder layers; an open_clip tower has no language model",
     "gui-kv": "compresses a language model's KV cache",
     "transprune": "cuts between decoder layers; an open_clip tower has no language model",
     "vflowopt": "prunes at the language model's input and between its decoder layers",
     "visionzip": "merges before the projector into a language model's input (no encoder-site variant)",
+    "vispruner": "selects for a language model's input from the projector's input features (no encoder-site variant)",
     "zipvl": "sparsifies a language model's attention and KV cache",
 }
 

@@ -15,15 +15,18 @@ KEEP_ALL = [
     ("random", dict(keep=1.0)),
     ("pool", dict(keep=1.0)),
     ("fastv", dict(keep=1.0, layer=1)),
+    ("dart", dict(keep=1.0, layer=2)),
+    ("divprune", dict(keep=1.0)),
     ("gui-kv", dict(keep=1.0)),
     ("gui-kv", dict(keep=1.0, gqa_reduce="expand", temporal_keys="pre_rope")),
     ("zipvl", dict(keep=1.0)),
     ("zipvl", dict(keep=1.0, kv_mode="full")),
+    ("transprune", dict(keep=1.0, keep_ratios=(0.5,), prune_layers=(1,))),
 ]
 NOT_ON_QWEN = {
     "vtc-cls": "the Qwen vision tower has no [CLS] token",
     "visionzip": "the Qwen vision tower has no [CLS] token",
-    "transprune": "the adapter does not provide Transitions (renumbered M-RoPE ids are not defined by the spec)",
+    "vispruner": "the Qwen vision tower has no [CLS] token",
     "vflowopt": "the adapter does not provide VisionAttention (spec §9: last full-attention block, 2x2 merger groups)",
 }
 
@@ -85,7 +88,6 @@ def test_vtc_cls_is_refused_clearly(qwen):
 
 @pytest.mark.parametrize("name, options, message", [
     ("visionzip", {}, r"\[CLS\] token"),
-    ("transprune", dict(keep_ratios=(0.5,), prune_layers=(1,)), "Transitions"),
     ("vflowopt", dict(llm_layers=(1, 2)), "VisionAttention"),
 ])
 def test_methods_without_their_signals_are_refused(qwen, name, options, message):

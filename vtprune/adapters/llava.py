@@ -31,7 +31,7 @@ from ..core.signals import (
     VisionKeys,
 )
 from .common import call_arguments, continues_cache, media_in_call, placeholder_mask, token_runs
-from .decoder import DecoderCutter
+from .decoder import LLM_SIGNALS, DecoderCutter
 from .vision import VisionSignals, encoder_layers, model_info
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class LlavaAdapter(Adapter):
     sites = frozenset({"pre_llm", "llm_layer", "kv_cache", "llm_attention"})
     signals = frozenset(
         {ClsAttention, QueryAttention, PixelValues, PrefillKV, Transitions, VisionAttention, VisionKeys, ProjectorInput}
+        | LLM_SIGNALS
     )
 
     @classmethod

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from ..core.adapter import Adapter, register_adapter
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout
-from ..core.signals import ClsAttention, ModelInfo, PixelValues, PrefillKV, QueryAttention, Transitions
+from ..core.signals import ClsAttention, ModelInfo, PixelValues, PrefillKV, Transitions
 from .anyres import AnyresLayout, Encoded
 from .common import call_arguments, continues_cache, media_in_call, placeholder_mask, swap_class
-from .decoder import DecoderCutter
+from .decoder import LLM_SIGNALS, DecoderCutter
 from .vision import VisionSignals, model_info
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def tower_has_cls(vision_tower: nn.Module) -> bool:
 class LlavaNextAdapter(AnyresLayout, Adapter):
     family = "llava_next"
     sites = frozenset({"pre_llm", "llm_layer", "kv_cache", "llm_attention"})
-    signals = frozenset({ClsAttention, QueryAttention, PixelValues, PrefillKV, Transitions})
+    signals = frozenset({ClsAttention, PixelValues, PrefillKV, Transitions}) | LLM_SIGNALS
     model_class = "LlavaNextForConditionalGeneration"
     video_newline = False  # whether the model appends one newline token to every video
     # signals with one value per patch [inputs, ..., patches]: for frames they are pooled like the frames' features

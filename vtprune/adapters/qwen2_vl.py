@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from ..core.adapter import Adapter, register_adapter
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout, VisualSpan
-from ..core.signals import ModelInfo, PrefillKV, QueryAttention
+from ..core.signals import ModelInfo, PrefillKV, Transitions
 from .common import call_arguments, continues_cache, kwarg, media_in_call, placeholder_mask, token_runs
-from .decoder import DecoderCutter
+from .decoder import LLM_SIGNALS, DecoderCutter
 
 if TYPE_CHECKING:
     from ..core.method import Method
@@ -105,7 +105,7 @@ def _qwen_classes() -> tuple[type, ...]:
 class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
     sites = frozenset({"pre_llm", "llm_layer", "kv_cache", "llm_attention"})
-    signals = frozenset({QueryAttention, PrefillKV})
+    signals = frozenset({PrefillKV, Transitions}) | LLM_SIGNALS
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -26,12 +26,16 @@ from .search import Choice, IntRange, Param, Uniform
 from .session import Session
 from .signals import (
     ClsAttention,
+    FinalNormHidden,
+    KeyStates,
+    LayerKeys,
     LayerKV,
     ModelInfo,
     PixelValues,
     PrefillKV,
     ProjectorInput,
     QueryAttention,
+    ReceivedAttention,
     Transitions,
     TransitionStats,
     VisionAttention,
@@ -40,12 +44,13 @@ from .signals import (
 from .trace import ForwardRecord, SiteRecord, Trace
 
 __all__ = [
-    "ATTENTION_MASS", "Adapter", "BUDGET_KINDS", "BudgetKind", "CACHE_ENTRIES", "Choice", "ClsAttention", "Cut",
-    "ForwardRecord", "IntRange", "KeepPlan", "LayerKV", "Merge", "Method", "ModelInfo", "Param", "PixelValues",
-    "PrefillKV", "ProjectorInput", "QueryAttention", "SCOPES", "Session", "SiteContext", "SiteRecord", "Trace",
-    "TransitionStats", "Transitions", "Uniform", "UnsupportedModelError", "UnsupportedSignalError", "VISUAL_TOKENS",
-    "VTPruneError", "VisionAttention", "VisionKeys", "VisualLayout", "VisualSpan", "adapter_for", "attention_rows",
-    "available", "budget_argument", "budget_groups", "check_keep", "check_options", "check_scope", "compile_cut", "keep_all",
-    "keep_count", "keep_heads", "keep_top", "load_preset", "make", "make_at", "method_class", "parse_budget", "parse_method_spec",
-    "parse_options", "parse_pairs", "register", "register_adapter", "scaled_schedule", "top_k",
+    "Adapter", "adapter_for", "ATTENTION_MASS", "attention_rows", "available", "budget_argument", "budget_groups",
+    "BUDGET_KINDS", "BudgetKind", "CACHE_ENTRIES", "check_keep", "check_options", "check_scope", "Choice",
+    "ClsAttention", "compile_cut", "Cut", "FinalNormHidden", "ForwardRecord", "IntRange", "keep_all", "keep_count",
+    "keep_heads", "keep_top", "KeepPlan", "KeyStates", "LayerKeys", "LayerKV", "load_preset", "make", "make_at",
+    "Merge", "Method", "method_class", "ModelInfo", "Param", "parse_budget", "parse_method_spec", "parse_options",
+    "parse_pairs", "PixelValues", "PrefillKV", "ProjectorInput", "QueryAttention", "ReceivedAttention", "register",
+    "register_adapter", "scaled_schedule", "SCOPES", "Session", "SiteContext", "SiteRecord", "top_k", "Trace",
+    "Transitions", "TransitionStats", "Uniform", "UnsupportedModelError", "UnsupportedSignalError", "VisionAttention",
+    "VisionKeys", "VISUAL_TOKENS", "VisualLayout", "VisualSpan", "VTPruneError",
 ]

@@ -40,6 +40,20 @@ class QueryAttention:
 
 
 @dataclass(frozen=True)
+class ReceivedAttention:
+    """Softmax attention each token receives at an LLM decoder layer, summed over heads and query rows, in float32.
+
+    Computed from layer `layer`'s own norm, q/k projections and RoPE on the sequence that layer runs on (after a cut
+    made before it), causal, padding excluded. `queries`: "all" (every real token) or "text" (every non-visual one).
+    A later cut must follow the layer. Value: list over samples of float32 tensors [seq_len] (positions of the
+    sequence at `layer`; padding gets 0).
+    """
+
+    layer: int
+    queries: str = "all"
+
+
+@dataclass(frozen=True)
 class PixelValues:
     """The pixel tensor that entered the vision encoder. Value: tensor [num_images, channels, height, width]."""
 
@@ -138,3 +152,32 @@ class ProjectorInput:
     Requesting it lets a pre_llm plan hold merges with `space="encoder"`: the adapter combines rows of this tensor
     and passes the result through the model's projector. Value: tensor [num_images, T, D_vision], encoder token order.
     """
+
+
+@dataclass(frozen=True)
+class LayerKeys:
+    """Post-RoPE key vectors of LLM decoder layer `layer` for every token of the sequence that enters it, recomputed at
+    prefill from the layer's own input norm, k projection (k norm where the model has one) and RoPE: what the layer
+    writes to its cache (KV heads, not repeated to the query heads). No attention weights are formed.
+    Value: `KeyStates`.
+    """
+
+    layer: int
+
+
+@dataclass
+class KeyStates:
+    """The value of `LayerKeys`. Positions index the layer's sequence (padding included)."""
+
+    keys: Tensor  # [B, H_kv, L, d] post-RoPE keys, the model's dtype
+    mask: Tensor  # [B, L] bool, False at padding
+
+
+@dataclass(frozen=True)
+class FinalNormHidden:
+    """The hidden states entering LLM decoder layer `layer` (the output of layer `layer` - 1) at prefill, before any cut
+    made at it, passed through the language model's final norm (with its weight).
+    Value: tensor [B, L, D] (positions index the layer's sequence, padding included).
+    """
+
+    layer: int

@@ -3,5 +3,6 @@
 from .cache import PrunedLayer, Segment
 from .compressed import CompressedLayer
 from .cutter import DecoderCutter
+from .layer_signals import LLM_SIGNALS
 
-__all__ = ["CompressedLayer", "DecoderCutter", "PrunedLayer", "Segment"]
+__all__ = ["CompressedLayer", "DecoderCutter", "LLM_SIGNALS", "PrunedLayer", "Segment"]

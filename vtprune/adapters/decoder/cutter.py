@@ -27,13 +27,14 @@ from ...core.errors import VTPruneError
 from ...core.layout import VisualLayout
 from ...core.method import SiteContext
 from ...core.plan import Merge
-from ...core.signals import PrefillKV, ProjectorInput, QueryAttention, Transitions, TransitionStats
+from ...core.signals import PrefillKV, ProjectorInput, Transitions, TransitionStats
 from ...core.trace import ForwardRecord, site_records
 from ...kernels import apply_cut
 from ..common import cache_argument, kwarg
 from .cache import PrunedLayer, Segment, pruned_layer
 from .cache_site import CacheSite
-from .qk import QUERY_KINDS, query_attention, query_rows
+from .layer_signals import AFTER_CUT, BEFORE_CUT, plan_requests
+from .layer_signals import compute as compute_layer_signal
 from .sparse_site import SparseAttention
 from .state import Continuation, Prefill
 
@@ -69,7 +70,9 @@ class DecoderCutter:
                 )
         if self.cuts != sorted(set(self.cuts)):
             raise VTPruneError(f"method {method.name!r} gave cut layers {self.cuts}; they must be ascending, unique")
-        self.queries = self._query_requests([r for r in requests if isinstance(r, QueryAttention)], n_layers)
+        self.before_cut, self.after_cut = plan_requests(
+            [r for r in requests if isinstance(r, BEFORE_CUT + AFTER_CUT)], self.cuts, n_layers
+        )
         self.transitions = self._transition_requests([r for r in requests if isinstance(r, Transitions)], n_layers)
         for layer in self.transitions:
             modules = (self.layers[layer].self_attn, self.layers[layer].mlp)
@@ -87,18 +90,6 @@ class DecoderCutter:
         for index in range(n_layers):  # every layer's cache becomes a PrunedLayer of its segment
             self.adapter.hook(self.layers[index], self._layer_hook(index))
         self.adapter.on_detach(self._reset)
-
-    def _query_requests(self, requests: list[QueryAttention], n_layers: int) -> dict[int, list[QueryAttention]]:
-        out: dict[int, list[QueryAttention]] = {}
-        for request in requests:
-            if not 0 <= request.layer < n_layers:
-                raise VTPruneError(f"QueryAttention at layer {request.layer}: the model has layers 0..{n_layers - 1}")
-            if self.cuts and request.layer > self.cuts[-1]:
-                raise VTPruneError(f"QueryAttention at layer {request.layer} comes after the last cut {self.cuts[-1]}")
-            if request.queries not in QUERY_KINDS:
-                raise VTPruneError(f"QueryAttention queries={request.queries!r}: use one of {', '.join(QUERY_KINDS)}")
-            out.setdefault(request.layer, []).append(request)
-        return out
 
     def _transition_requests(self, requests: list[Transitions], n_layers: int) -> dict[int, list[Transitions]]:
         out: dict[int, list[Transitions]] = {}
@@ -198,9 +189,8 @@ class DecoderCutter:
         segment = state.segment_at(index)
         if segment.start > 0:
             kwargs = self._with_prepared(kwargs, state.prepared[segment.start])
-        for request in self.queries.get(index, []):
-            rows = [query_rows(state.layout, b, segment.mask2d, request.queries) for b in range(hidden.shape[0])]
-            state.signals[request] = query_attention(module, hidden, kwargs["position_embeddings"], segment.mask2d, rows)
+        for request in self.before_cut.get(index, []):
+            state.signals[request] = self._layer_signal(request, module, hidden, kwargs, segment)
         if index in self.cuts:
             ctx = self.context("llm_layer", hidden, index, dict(state.signals))
             hidden, segment = self._cut(ctx, hidden, segment, start=index)
@@ -214,11 +204,17 @@ class DecoderCutter:
                 args = (hidden, *args[1:])
             else:
                 kwargs["hidden_states"] = hidden
+        for request in self.after_cut.get(index, []):  # on the sequence this layer runs on
+            state.signals[request] = self._layer_signal(request, module, hidden, kwargs, segment)
         cache = cache_argument(kwargs)
         if cache is not None:
             pruned_layer(cache, index, segment, first=segment.start == index)
         state.layer_input = hidden
         return args, kwargs
+
+    def _layer_signal(self, request: Any, layer: nn.Module, hidden: Tensor, kwargs: dict, segment: Segment) -> Any:
+        rope = kwargs["position_embeddings"]
+        return compute_layer_signal(request, layer, self.lm, hidden, rope, segment.mask2d, self.prefill.layout)
 
     def _continuation_layer(self, index: int, args: tuple, kwargs: dict) -> dict:
         cache = cache_argument(kwargs)
