@@ -21,6 +21,7 @@ KEEP_ALL = {
     "visionzip": dict(keep=GRID * GRID, contextual=0, cls_token=False),
     "zipvl": dict(tau=1.0),
     "scope": dict(keep=1.0),
+    "holov": dict(keep=1.0),
 }
 NOT_ON_LLAVA: set[str] = set()  # methods the LLaVA adapter refuses
 
@@ -60,6 +61,7 @@ KEEP_FOUR = {
     "vflowopt": dict(vit_keep=0.25, cell=4.0, llm_keep1=1.0, llm_keep2=1.0),  # 16 - 12 - 1 + 1 recycled = 4
     "visionzip": dict(keep=4),  # [CLS], 2 dominant patches, 1 contextual token
     "scope": dict(keep=4),
+    "holov": dict(keep=4),  # official order within chunks
 }  # gui-kv compresses the cache, not the sequence: see test_kv_cache_site_compresses_every_layer below
 FIRST_CUT = {"fastv": 2, "transprune": 2}  # decoder layer before which the sequence shortens (0: the LLM input)
 

@@ -22,7 +22,7 @@ KEEP_EVERY_TOKEN = {
     "pool": dict(keep=1.0),
     "scope": dict(keep=1.0, features="projected"),  # its official features (ProjectorInput) are LLaVA-1.5 only
 }
-NEEDS_CLS = {"vtc-cls", "scope"}  # refused on towers without [CLS] (OneVision's SigLIP)
+NEEDS_CLS = {"vtc-cls", "scope", "holov"}  # refused on towers without [CLS] (OneVision's SigLIP)
 CASES = {  # name -> (model, images per sample (height, width), frames of the videos per sample)
     "next-wide-and-tall": ("next", [[(32, 48)], [(60, 40), (64, 64)]], None),
     "next-other-sizes": ("next", [[(20, 90), (50, 50)], [(33, 31)]], None),

@@ -37,6 +37,7 @@ NOT_ON_OPEN_CLIP = {
     "visionzip": "merges before the projector into a language model's input (no encoder-site variant)",
     "zipvl": "sparsifies a language model's attention and KV cache",
     "scope": "prunes at a language model's input (no encoder-site variant)",
+    "holov": "prunes at a language model's input (no encoder-site variant)",
 }
 
 

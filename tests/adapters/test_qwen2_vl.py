@@ -24,6 +24,7 @@ NOT_ON_QWEN = {
     "vtc-cls": "the Qwen vision tower has no [CLS] token",
     "visionzip": "the Qwen vision tower has no [CLS] token",
     "scope": "its saliency is the vision tower's [CLS] attention; the Qwen tower has no [CLS] token",
+    "holov": "its saliency is the vision tower's [CLS] attention; the Qwen tower has no [CLS] token",
     "transprune": "the adapter does not provide Transitions (renumbered M-RoPE ids are not defined by the spec)",
     "vflowopt": "the adapter does not provide VisionAttention (spec §9: last full-attention block, 2x2 merger groups)",
 }
@@ -87,6 +88,7 @@ def test_vtc_cls_is_refused_clearly(qwen):
 @pytest.mark.parametrize("name, options, message", [
     ("visionzip", {}, r"\[CLS\] token"),
     ("scope", {}, r"\[CLS\] token"),
+    ("holov", {}, r"\[CLS\] token"),
     ("transprune", dict(keep_ratios=(0.5,), prune_layers=(1,)), "Transitions"),
     ("vflowopt", dict(llm_layers=(1, 2)), "VisionAttention"),
 ])
