@@ -22,6 +22,7 @@ KEEP_ALL = {
     "zipvl": dict(tau=1.0),
     "scope": dict(keep=1.0),
     "holov": dict(keep=1.0),
+    "cdpruner": dict(keep=1.0),
 }
 NOT_ON_LLAVA: set[str] = set()  # methods the LLaVA adapter refuses
 
@@ -62,6 +63,7 @@ KEEP_FOUR = {
     "visionzip": dict(keep=4),  # [CLS], 2 dominant patches, 1 contextual token
     "scope": dict(keep=4),
     "holov": dict(keep=4),  # official order within chunks
+    "cdpruner": dict(keep=4),
 }  # gui-kv compresses the cache, not the sequence: see test_kv_cache_site_compresses_every_layer below
 FIRST_CUT = {"fastv": 2, "transprune": 2}  # decoder layer before which the sequence shortens (0: the LLM input)
 

@@ -38,6 +38,7 @@ NOT_ON_OPEN_CLIP = {
     "zipvl": "sparsifies a language model's attention and KV cache",
     "scope": "prunes at a language model's input (no encoder-site variant)",
     "holov": "prunes at a language model's input (no encoder-site variant)",
+    "cdpruner": "needs the language model's input embeddings and the instruction",
 }
 
 

@@ -19,6 +19,7 @@ KEEP_ALL = [
     ("gui-kv", dict(keep=1.0, gqa_reduce="expand", temporal_keys="pre_rope")),
     ("zipvl", dict(tau=1.0)),
     ("zipvl", dict(tau=1.0, kv_mode="full")),
+    ("cdpruner", dict(keep=1.0)),
 ]
 NOT_ON_QWEN = {
     "vtc-cls": "the Qwen vision tower has no [CLS] token",

@@ -338,6 +338,7 @@ class DecoderCutter:
     # --------------------------------------------------------------------------------------------- the cut
     def _context(self, site: str, hidden: Tensor, layer: int | None, signals: dict) -> SiteContext:
         state = self.state
+        segment = next(s for s in reversed(state.segments) if s.start <= (layer or 0))
         ctx = SiteContext(
             site=site,
             layout=state.layout,
@@ -347,6 +348,7 @@ class DecoderCutter:
             layer=layer,
             stage=state.stage,
             state=state.method_state,
+            attention_mask=segment.mask2d,
         )
         state.stage += 1
         return ctx
