@@ -23,6 +23,7 @@ KEEP_ALL = {
     "scope": dict(keep=1.0),
     "holov": dict(keep=1.0),
     "cdpruner": dict(keep=1.0),
+    "pyramiddrop": dict(keep=1.0),
 }
 NOT_ON_LLAVA: set[str] = set()  # methods the LLaVA adapter refuses
 
@@ -64,8 +65,9 @@ KEEP_FOUR = {
     "scope": dict(keep=4),
     "holov": dict(keep=4),  # official order within chunks
     "cdpruner": dict(keep=4),
+    "pyramiddrop": dict(ratios=(0.25,), layer_list=(2,)),
 }  # gui-kv compresses the cache, not the sequence: see test_kv_cache_site_compresses_every_layer below
-FIRST_CUT = {"fastv": 2, "transprune": 2}  # decoder layer before which the sequence shortens (0: the LLM input)
+FIRST_CUT = {"fastv": 2, "transprune": 2, "pyramiddrop": 2}  # decoder layer before which the sequence shortens (0: the LLM input)
 
 
 @pytest.mark.parametrize("name", sorted(KEEP_FOUR))

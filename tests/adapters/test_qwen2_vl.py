@@ -20,6 +20,7 @@ KEEP_ALL = [
     ("zipvl", dict(tau=1.0)),
     ("zipvl", dict(tau=1.0, kv_mode="full")),
     ("cdpruner", dict(keep=1.0)),
+    ("pyramiddrop", dict(keep=1.0, layer_list=(1, 2))),  # the tiny model has 3 layers
 ]
 NOT_ON_QWEN = {
     "vtc-cls": "the Qwen vision tower has no [CLS] token",
