@@ -59,7 +59,8 @@ def generate_compacted(model, batch, visual, steps):
             positions[b, length - len(rows) :] = torch.arange(len(rows))
         lm, head = model.model.language_model, model.lm_head
         cache = DynamicCache(config=lm.config)
-        logits = [head(lm(inputs_embeds=x, attention_mask=mask, position_ids=positions, cache=cache).last_hidden_state[:, -1])]
+        out = lm(inputs_embeds=x, attention_mask=mask, position_ids=positions, cache=cache)
+        logits = [head(out.last_hidden_state[:, -1])]
         next_position = positions[:, -1] + 1
         for _ in range(steps - 1):
             token = logits[-1].argmax(-1)

@@ -10,8 +10,18 @@ import torch
 from transformers import DynamicCache
 
 import vtprune
-from tests.adapters.qwen_builders import IMAGE, build_qwen_processor, build_tiny_qwen, two_screenshot_batch
-from tests.methods.pre_llm_reference import dense_equals_keep_all, generate_compacted, generate_with, image_embeddings
+from tests.adapters.qwen_builders import (
+    IMAGE,
+    build_qwen_processor,
+    build_tiny_qwen,
+    two_screenshot_batch,
+)
+from tests.methods.pre_llm_reference import (
+    dense_equals_keep_all,
+    generate_compacted,
+    generate_with,
+    image_embeddings,
+)
 from vtprune.methods.cdpruner import dpp_select, normalize_relevance, relevance_scores
 
 REFERENCE = torch.load(Path(__file__).parents[1] / "data/reference/cdpruner/cdpruner_official.pt")
@@ -84,7 +94,7 @@ def test_llm_space_relevance_and_kept_sets_equal_a_hand_computation(tiny_llava, 
     sites = trace.forwards[0].sites
     torch.testing.assert_close(sites[0].scores, relevance[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(sites[1].scores, torch.cat(relevance[1:]), atol=1e-6, rtol=0)
-    assert [s.kept.tolist() for s in sites] == [sum(k, []) for k in kept]
+    assert [s.kept.tolist() for s in sites] == [[o for image in k for o in image] for k in kept]
 
 
 def test_keep_all_is_exact_at_prefill_and_every_decoding_step(tiny_llava, batch):
@@ -118,9 +128,9 @@ def test_diversity_only_and_theta_change_the_kernel(tiny_llava, batch):
 
 def test_prompt_without_text_after_the_image_is_refused(tiny_llava):
     ids = torch.tensor([[1, 5] + [99] * 16])
-    with pytest.raises(vtprune.VTPruneError, match="needs instruction text after the last image"):
-        with torch.no_grad(), vtprune.make("cdpruner", keep=4)(tiny_llava):
-            tiny_llava(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32))
+    with (pytest.raises(vtprune.VTPruneError, match="needs instruction text after the last image"), torch.no_grad(),
+          vtprune.make("cdpruner", keep=4)(tiny_llava)):
+        tiny_llava(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32))
 
 
 def test_bad_options_are_refused():

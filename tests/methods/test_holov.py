@@ -11,7 +11,12 @@ import torch
 import vtprune
 from tests.adapters.qwen_builders import build_tiny_qwen
 from tests.helpers import build_tiny_llava
-from tests.methods.pre_llm_reference import dense_equals_keep_all, generate_compacted, generate_with, image_embeddings
+from tests.methods.pre_llm_reference import (
+    dense_equals_keep_all,
+    generate_compacted,
+    generate_with,
+    image_embeddings,
+)
 from vtprune.methods.holov import holov_partitions, holov_select
 
 REFERENCE = torch.load(Path(__file__).parents[1] / "data/reference/holov/holov_official.pt")
@@ -47,8 +52,11 @@ def eager_inputs(batch):
 def official_sequences(batch, keep, partitions):
     """Per sample, per image: what the official code feeds the LLM (ordinals of the sample, -1 = zero token)."""
     attention, features = eager_inputs(batch)
-    return [[[o + 16 * i if o >= 0 else -1 for o in holov_select(features[image], attention[image], partitions, keep).tolist()]
-             for i, image in enumerate(images)] for images in IMAGES_OF_SAMPLE]
+    out = []
+    for images in IMAGES_OF_SAMPLE:
+        picks = [holov_select(features[image], attention[image], partitions, keep).tolist() for image in images]
+        out.append([[o + 16 * i if o >= 0 else -1 for o in image] for i, image in enumerate(picks)])
+    return out
 
 
 @pytest.mark.parametrize("keep, partitions, zeros", [(5, None, 0), (10, 12, 2)])
@@ -81,7 +89,7 @@ def test_trace_follows_the_official_order(tiny_llava, batch):
     with torch.no_grad(), vtprune.make("holov", keep=5)(tiny_llava) as trace:
         tiny_llava(**batch)
     visual = official_sequences(batch, 5, 5)
-    assert [s.kept.tolist() for s in trace.forwards[0].sites] == [sum(v, []) for v in visual]
+    assert [s.kept.tolist() for s in trace.forwards[0].sites] == [[o for image in v for o in image] for v in visual]
     attention, _ = eager_inputs(batch)
     torch.testing.assert_close(trace.forwards[0].sites[1].scores, attention[1:].flatten(), atol=1e-6, rtol=0)
 
@@ -89,7 +97,8 @@ def test_trace_follows_the_official_order(tiny_llava, batch):
 @pytest.mark.parametrize("excess", ["redistribute", "drop"])
 def test_excess_options(tiny_llava, batch, excess):
     visual = official_sequences(batch, 10, 12)
-    with torch.no_grad(), vtprune.make("holov", keep=10, partitions=12, excess=excess, order="ascending")(tiny_llava) as trace:
+    method = vtprune.make("holov", keep=10, partitions=12, excess=excess, order="ascending")
+    with torch.no_grad(), method(tiny_llava) as trace:
         tiny_llava(**batch)
     attention, _ = eager_inputs(batch)
     for b, site in enumerate(trace.forwards[0].sites):
@@ -134,9 +143,9 @@ def test_llava_next_runs_in_raster_order_and_refuses_the_official_order():
 
     model = build_tiny_llava_next()
     batch = media_batch(model, [[(32, 48)], [(60, 40)]])
-    with pytest.raises(vtprune.VTPruneError, match="use order='ascending'"):
-        with torch.no_grad(), vtprune.make("holov", keep=6)(model):
-            model(**batch)
+    with (pytest.raises(vtprune.VTPruneError, match="use order='ascending'"), torch.no_grad(),
+          vtprune.make("holov", keep=6)(model)):
+        model(**batch)
     with torch.no_grad(), vtprune.make("holov", keep=6, order="ascending", excess="redistribute")(model) as trace:
         model(**batch)
     for b, (before, after) in enumerate(trace.visual_tokens()):

@@ -11,11 +11,20 @@ import torch
 from transformers import DynamicCache
 
 import vtprune
-from tests.adapters.qwen_builders import build_qwen_processor, build_tiny_qwen, two_screenshot_batch
+from tests.adapters.qwen_builders import (
+    build_qwen_processor,
+    build_tiny_qwen,
+    two_screenshot_batch,
+)
 from tests.helpers import IMAGE_TOKEN
 from tests.methods.pre_llm_reference import dense_equals_keep_all, generate_with
 from vtprune.core import ModelInfo, attention_rows, top_k
-from vtprune.methods.pyramiddrop import average_share, pdrop_scores, solve_lambda, stage_counts
+from vtprune.methods.pyramiddrop import (
+    average_share,
+    pdrop_scores,
+    solve_lambda,
+    stage_counts,
+)
 
 REFERENCE = torch.load(Path(__file__).parents[1] / "data/reference/pyramiddrop/pyramiddrop_official.pt")
 STEPS = 4
@@ -147,8 +156,8 @@ def reference(model, ids, pixels, layers, ratios):
 
 
 @pytest.mark.parametrize("options, layers, ratios", [
-    (dict(), (1, 2, 3), (0.5, 0.25, 0.125)),  # the released schedule (8, 16, 24 of 32) scaled to 4 layers
-    (dict(ratios=(0.75, 0.25), layer_list=(1, 3)), (1, 3), (0.75, 0.25)),
+    ({}, (1, 2, 3), (0.5, 0.25, 0.125)),  # the released schedule (8, 16, 24 of 32) scaled to 4 layers
+    ({"ratios": (0.75, 0.25), "layer_list": (1, 3)}, (1, 3), (0.75, 0.25)),
 ])
 def test_batched_generate_equals_the_per_sample_reference(tiny_llava, batch, options, layers, ratios):
     tokens, logits, trace = generate_with(tiny_llava, batch, vtprune.make("pyramiddrop", **options), STEPS)

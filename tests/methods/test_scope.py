@@ -11,7 +11,12 @@ import torch
 import vtprune
 from tests.adapters.qwen_builders import build_tiny_qwen
 from tests.helpers import build_tiny_llava
-from tests.methods.pre_llm_reference import dense_equals_keep_all, generate_compacted, generate_with, image_embeddings
+from tests.methods.pre_llm_reference import (
+    dense_equals_keep_all,
+    generate_compacted,
+    generate_with,
+    image_embeddings,
+)
 from vtprune.methods.scope import scope_select
 
 REFERENCE = torch.load(Path(__file__).parents[1] / "data/reference/scope/scope_official.pt")
@@ -46,7 +51,7 @@ def eager_signals(batch):
 
 
 def expected_kept(batch, keep, features):
-    saliency, encoder_features = eager_signals(batch)
+    saliency, _ = eager_signals(batch)
     out = []
     for images in IMAGES_OF_SAMPLE:
         kept = []
@@ -116,9 +121,9 @@ def test_bad_options_are_refused():
 
 
 def test_budget_above_the_image_is_an_error(tiny_llava, batch):
-    with pytest.raises(vtprune.VTPruneError, match="keep=17 is more than the 16 visual tokens"):
-        with torch.no_grad(), vtprune.make("scope", keep=17)(tiny_llava):
-            tiny_llava(**batch)
+    with (pytest.raises(vtprune.VTPruneError, match="keep=17 is more than the 16 visual tokens"), torch.no_grad(),
+          vtprune.make("scope", keep=17)(tiny_llava)):
+        tiny_llava(**batch)
 
 
 def test_qwen_is_refused_without_cls():

@@ -1,7 +1,18 @@
 """Pruning methods, one file each. Importing this package registers them with `vtprune.make`."""
 
-from . import (  # noqa: F401
-    cdpruner, fastv, gui_kv, holov, pool, pyramiddrop, random_prune, scope, transprune, vflowopt, visionzip, vtc_cls,
+from . import (
+    cdpruner,
+    fastv,
+    gui_kv,
+    holov,
+    pool,
+    pyramiddrop,
+    random_prune,
+    scope,
+    transprune,
+    vflowopt,
+    visionzip,
+    vtc_cls,
     zipvl,
 )
 

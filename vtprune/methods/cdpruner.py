@@ -19,12 +19,21 @@ real tokens after its last image), not negated by default (`negate=True` mirrors
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from ..core import KeepPlan, Method, SiteContext, VTPruneError, budget_groups, check_scope, keep_count, register
+from ..core import (
+    KeepPlan,
+    Method,
+    SiteContext,
+    VTPruneError,
+    budget_groups,
+    check_scope,
+    keep_count,
+    register,
+)
 from ..core.scope import non_patch_ordinals
 
 RELEVANCE = ("llm", "none")
@@ -94,7 +103,9 @@ class CDPruner(Method):
 
     def plan(self, ctx: SiteContext) -> KeepPlan:
         layout, hidden = ctx.layout, ctx.hidden_states
-        mask = ctx.attention_mask if ctx.attention_mask is not None else torch.ones(hidden.shape[:2], device=hidden.device)
+        mask = ctx.attention_mask
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], device=hidden.device)
         keep, scores = [], []
         for b in range(layout.batch_size):
             positions = layout.visual_positions(b)
@@ -109,7 +120,8 @@ class CDPruner(Method):
             for ordinals, units, what in budget_groups(layout, b, self.scope):
                 if not ordinals.numel():
                     continue
-                count = keep_count(self.keep * units if isinstance(self.keep, int) else self.keep, ordinals.numel(), what=what)
+                budget = self.keep * units if isinstance(self.keep, int) else self.keep
+                count = keep_count(budget, ordinals.numel(), what=what)
                 if count == ordinals.numel():  # the greedy would pick every token
                     kept.append(ordinals)
                     continue

@@ -22,7 +22,15 @@ import torch
 from torch import Tensor
 
 from ..core import (
-    ClsAttention, KeepPlan, Merge, Method, ModelInfo, SiteContext, VTPruneError, keep_count, register,
+    ClsAttention,
+    KeepPlan,
+    Merge,
+    Method,
+    ModelInfo,
+    SiteContext,
+    VTPruneError,
+    keep_count,
+    register,
 )
 from ._scores import ordinal_scores
 
@@ -97,7 +105,9 @@ class HoloV(Method):
         super().__post_init__()
         if self.partitions is not None and (isinstance(self.partitions, bool) or not isinstance(self.partitions, int)
                                             or self.partitions < 1):
-            raise VTPruneError(f"holov partitions={self.partitions!r}: give a count >= 1, or None for the official rule")
+            raise VTPruneError(
+                f"holov partitions={self.partitions!r}: give a count >= 1, or None for the official rule"
+            )
         if self.excess not in EXCESS:
             raise VTPruneError(f"holov excess={self.excess!r}: use 'pad' (official), 'redistribute' or 'drop'")
         if self.order not in ORDERS:

@@ -24,7 +24,16 @@ import torch
 from torch import Tensor
 
 from ..core import (
-    KeepPlan, Method, ModelInfo, QueryAttention, SiteContext, VTPruneError, check_keep, keep_count, register, top_k,
+    KeepPlan,
+    Method,
+    ModelInfo,
+    QueryAttention,
+    SiteContext,
+    VTPruneError,
+    check_keep,
+    keep_count,
+    register,
+    top_k,
 )
 
 RELEASED_DEPTH = 32  # LLaVA-1.5-7B

@@ -22,8 +22,18 @@ import torch
 from torch import Tensor
 
 from ..core import (
-    ClsAttention, KeepPlan, Method, ModelInfo, ProjectorInput, SiteContext, VisualLayout, VTPruneError, budget_groups,
-    check_scope, keep_count, register,
+    ClsAttention,
+    KeepPlan,
+    Method,
+    ModelInfo,
+    ProjectorInput,
+    SiteContext,
+    VisualLayout,
+    VTPruneError,
+    budget_groups,
+    check_scope,
+    keep_count,
+    register,
 )
 from ..core.scope import non_patch_ordinals
 from ._scores import ordinal_scores
@@ -116,7 +126,8 @@ class Scope(Method):
             for ordinals, units, what in budget_groups(layout, b, self.scope):
                 if not ordinals.numel():
                     continue
-                count = keep_count(self.keep * units if isinstance(self.keep, int) else self.keep, ordinals.numel(), what=what)
+                budget = self.keep * units if isinstance(self.keep, int) else self.keep
+                count = keep_count(budget, ordinals.numel(), what=what)
                 if count == ordinals.numel():  # the greedy would pick every token
                     kept.append(ordinals)
                     continue
