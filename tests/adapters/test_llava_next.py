@@ -18,7 +18,12 @@ NOT_ON_ANYRES = {  # methods these adapters refuse, and why
     "vispruner": "needs ProjectorInput (pre-projector features), which these adapters do not offer yet",
 }
 # grids differ here: pool keeps every cell with a ratio
-KEEP_EVERY_TOKEN = {**{k: v for k, v in KEEP_ALL.items() if k not in NOT_ON_ANYRES}, "pool": dict(keep=1.0)}
+KEEP_EVERY_TOKEN = {
+    **{k: v for k, v in KEEP_ALL.items() if k not in NOT_ON_ANYRES},
+    "pool": dict(keep=1.0),
+    "scope": dict(keep=1.0, features="projected"),  # its official features (ProjectorInput) are LLaVA-1.5 only
+}
+NEEDS_CLS = {"vtc-cls", "scope", "holov"}  # refused on towers without [CLS] (OneVision's SigLIP)
 CASES = {  # name -> (model, images per sample (height, width), frames of the videos per sample)
     "next-wide-and-tall": ("next", [[(32, 48)], [(60, 40), (64, 64)]], None),
     "next-other-sizes": ("next", [[(20, 90), (50, 50)], [(33, 31)]], None),
@@ -35,7 +40,7 @@ def models():
 
 
 def supports(model, name):
-    return name != "vtc-cls" or vtprune.core.adapter_for(model)(model).info.vision_has_cls
+    return name not in NEEDS_CLS or vtprune.core.adapter_for(model)(model).info.vision_has_cls
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

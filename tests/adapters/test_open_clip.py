@@ -39,6 +39,10 @@ NOT_ON_OPEN_CLIP = {
     "visionzip": "merges before the projector into a language model's input (no encoder-site variant)",
     "vispruner": "selects for a language model's input from the projector's input features (no encoder-site variant)",
     "zipvl": "sparsifies a language model's attention and KV cache",
+    "scope": "prunes at a language model's input (no encoder-site variant)",
+    "holov": "prunes at a language model's input (no encoder-site variant)",
+    "cdpruner": "needs the language model's input embeddings and the instruction",
+    "pyramiddrop": "cuts between decoder layers; an open_clip tower has no language model",
 }
 
 

@@ -22,11 +22,15 @@ KEEP_ALL = [
     ("zipvl", dict(keep=1.0)),
     ("zipvl", dict(keep=1.0, kv_mode="full")),
     ("transprune", dict(keep=1.0, keep_ratios=(0.5,), prune_layers=(1,))),
+    ("cdpruner", dict(keep=1.0)),
+    ("pyramiddrop", dict(keep=1.0, layer_list=(1, 2))),  # the tiny model has 3 layers
 ]
 NOT_ON_QWEN = {
     "vtc-cls": "the Qwen vision tower has no [CLS] token",
     "visionzip": "the Qwen vision tower has no [CLS] token",
     "vispruner": "the Qwen vision tower has no [CLS] token",
+    "scope": "its saliency is the vision tower's [CLS] attention; the Qwen tower has no [CLS] token",
+    "holov": "its saliency is the vision tower's [CLS] attention; the Qwen tower has no [CLS] token",
     "vflowopt": "the adapter does not provide VisionAttention (spec §9: last full-attention block, 2x2 merger groups)",
 }
 
@@ -88,6 +92,8 @@ def test_vtc_cls_is_refused_clearly(qwen):
 
 @pytest.mark.parametrize("name, options, message", [
     ("visionzip", {}, r"\[CLS\] token"),
+    ("scope", {}, r"\[CLS\] token"),
+    ("holov", {}, r"\[CLS\] token"),
     ("vflowopt", dict(llm_layers=(1, 2)), "VisionAttention"),
 ])
 def test_methods_without_their_signals_are_refused(qwen, name, options, message):

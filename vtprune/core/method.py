@@ -33,6 +33,7 @@ class SiteContext:
     layer: int | None = None  # llm_layer: the cut sits right before this decoder layer; encoder: right after this block
     stage: int = 0  # index of this cut among the method's cuts in this forward
     state: dict[str, Any] = field(default_factory=dict)  # scratch space shared by the cuts of one forward
+    attention_mask: Tensor | None = None  # [B, L] 1 at real tokens, 0 at padding (language-model sites)
 
 
 class Method(ABC):

@@ -19,7 +19,8 @@ class Merge:
     `slot` is a visual ordinal of one sample at the site and must be among the kept ordinals. With space="sequence"
     the sources are visual ordinals too, combined from the hidden states at the site. With space="encoder" (pre_llm
     only, needs the `ProjectorInput` signal) they are token indices of the slot's image in the vision encoder's
-    sequence ([CLS] first when the tower has one), combined before the projector, which then maps the result.
+    sequence ([CLS] first when the tower has one), combined before the projector, which then maps the result. A
+    sequence merge with no source writes a zero token (HoloV feeds such tokens).
     """
 
     slot: int
@@ -72,9 +73,11 @@ class KeepPlan:
                 if merge.space not in ("sequence", "encoder"):
                     raise VTPruneError(f"merge space {merge.space!r}: use 'sequence' or 'encoder'")
                 sources = merge.sources
-                if sources.dim() != 1 or merge.weights.shape != sources.shape or not sources.numel():
+                if sources.dim() != 1 or merge.weights.shape != sources.shape:
                     raise VTPruneError(f"merge into slot {merge.slot} of sample {b} needs [m] sources and [m] weights")
-                if merge.space == "sequence" and (int(sources.min()) < 0 or int(sources.max()) >= n):
+                if not sources.numel() and merge.space != "sequence":  # no sequence source: a zero token
+                    raise VTPruneError(f"encoder merge into slot {merge.slot} of sample {b} has no source")
+                if sources.numel() and merge.space == "sequence" and (int(sources.min()) < 0 or int(sources.max()) >= n):
                     raise VTPruneError(f"merge into slot {merge.slot} of sample {b} draws on ordinals outside 0..{n - 1}")
         for b, order in enumerate(self.order or []):
             kept = self.keep[b].cpu()

@@ -294,6 +294,7 @@ class DecoderCutter:
             signals={k: dict(v) if isinstance(v, dict) else v for k, v in signals.items()},
             info=self.adapter.info,
             hidden_states=hidden,
+            attention_mask=state.segment_at(layer or 0).mask2d,
             layer=layer,
             stage=state.stage,
             state=state.method_state,
