@@ -48,6 +48,7 @@ def forgetting_weights(alpha: float, rows: int) -> Tensor:
 def lowest(scores: Tensor, candidate: Tensor, count: int) -> Tensor:
     """[H_c, count] the slots of the `count` lowest scores among `candidate` [H_c, L] bool, per head, ascending slots.
     Ties: the lower slot leaves first (the official argmin's first minimum)."""
+    count = min(count, int(candidate.sum(dim=1).min()))  # recent entries stay even over the budget
     masked = scores.float().masked_fill(~candidate, float("inf"))
     order = torch.sort(masked, dim=1, stable=True).indices[:, :count]
     return torch.sort(order, dim=1).values

@@ -43,6 +43,7 @@ def unimportant(attention: Tensor, attended: Tensor, cache_heads: int, gqa_reduc
 def most_unimportant(counts: Tensor, candidate: Tensor, count: int) -> Tensor:
     """[H_c, count] slots with the largest counts among `candidate` [H_c, L] bool (ties: the lower, older slot),
     ascending."""
+    count = min(count, int(candidate.sum(dim=1).min()))  # recent entries stay even over the budget
     masked = counts.masked_fill(~candidate, -1)
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :count]
     return torch.sort(order, dim=1).values
