@@ -26,13 +26,13 @@ from torch import Tensor, nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .. import kernels
-from ..core.attention import attention_rows
+from ..core.attention import attention_rows, received_attention
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout
 from ..core.method import SiteContext
 from ..core.plan import KeepPlan, Merge
 from ..core.session import ForwardRecord
-from ..core.signals import PrefillKV, ProjectorInput, QueryAttention, Transitions, TransitionStats
+from ..core.signals import PrefillKV, ProjectorInput, QueryAttention, ReceivedAttention, Transitions, TransitionStats
 from .cuts import merge_planned, site_records
 from .hf_attention import SparseAttention
 
@@ -103,7 +103,12 @@ class DecoderCutter:
 
     # ----------------------------------------------------------------------------------------------- attaching
     def attach(
-        self, method: "Method", trace: "Trace", queries: list[QueryAttention], transitions: list[Transitions] = ()
+        self,
+        method: "Method",
+        trace: "Trace",
+        queries: list[QueryAttention],
+        transitions: list[Transitions] = (),
+        received: list[ReceivedAttention] = (),
     ) -> None:
         self.method, self.trace, self.state = method, trace, None
         n_layers = len(self.layers)
@@ -126,6 +131,16 @@ class DecoderCutter:
             if request.queries not in ("last", "after_visual", "text"):
                 raise VTPruneError(f"QueryAttention queries={request.queries!r}: use 'last', 'after_visual' or 'text'")
             self.queries.setdefault(request.layer, []).append(request)
+        self.received: dict[int, list[ReceivedAttention]] = {}
+        for request in received:
+            if not 0 <= request.layer < n_layers or not self.cuts or request.layer >= self.cuts[-1]:
+                raise VTPruneError(
+                    f"ReceivedAttention at layer {request.layer}: a cut must follow it (the model has layers "
+                    f"0..{n_layers - 1}, the last cut sits before layer {self.cuts[-1] if self.cuts else None})"
+                )
+            if request.queries not in ("all", "text"):
+                raise VTPruneError(f"ReceivedAttention queries={request.queries!r}: use 'all' or 'text'")
+            self.received.setdefault(request.layer, []).append(request)
         self.transitions: dict[int, list[Transitions]] = {}
         for request in transitions:
             for layer in request.layers:
@@ -150,7 +165,7 @@ class DecoderCutter:
         self.adapter.hook(self.lm, self._on_language_model)
         if "llm_attention" in self.sites:  # per-layer attention among the tokens the method marks important
             SparseAttention(self, method).attach()
-        first_hooked = 0 if self.cache_site else min([*self.cuts, *self.queries], default=n_layers)
+        first_hooked = 0 if self.cache_site else min([*self.cuts, *self.queries, *self.received], default=n_layers)
         for index in range(first_hooked, n_layers):
             self.adapter.hook(self.layers[index], self._layer_hook(index))
         self.adapter.on_detach(self._reset)
@@ -255,6 +270,9 @@ class DecoderCutter:
                         args = (hidden, *args[1:])
                     else:
                         kwargs["hidden_states"] = hidden
+                    segment = new_segment
+                for request in self.received.get(index, []):  # on the sequence this layer runs on
+                    state.signals[request] = self._received_attention(module, hidden, kwargs, segment, request)
                 state.layer_input = hidden
             return args, kwargs
 
@@ -502,6 +520,27 @@ class DecoderCutter:
                                 sin[b : b + 1] if sin.dim() == 3 else sin[:, b : b + 1])
                 probs = attention_rows(q, k, attn.scaling, key_mask=mask2d[b : b + 1].bool(), query_positions=rows[None])
                 out.append(probs[0])
+        return out
+
+    def _received_attention(
+        self, layer: nn.Module, hidden: Tensor, kwargs: dict, segment: Segment, request: ReceivedAttention
+    ) -> list[Tensor]:
+        """[L] per sample: attention each key receives from the request's query rows, summed over heads and rows."""
+        attn = layer.self_attn
+        cos, sin = kwargs["position_embeddings"]
+        out = []
+        with torch.no_grad():
+            x = layer.input_layernorm(hidden)
+            for b in range(hidden.shape[0]):
+                valid = segment.mask2d[b].bool()
+                if request.queries == "all":
+                    rows = valid.nonzero()[:, 0]
+                else:
+                    rows = self._query_rows(QueryAttention(request.layer, "text"), b, segment.mask2d).to(valid.device)
+                one = (lambda t: t[b : b + 1]) if cos.dim() == 3 else (lambda t: t[:, b : b + 1])
+                q = self.rotate(attn, self._project(attn, attn.q_proj, x[b : b + 1], "q_norm"), one(cos), one(sin))
+                k = self.rotate(attn, self._project(attn, attn.k_proj, x[b : b + 1], "k_norm"), one(cos), one(sin))
+                out.append(received_attention(q[:, :, rows], k, attn.scaling, valid[None], rows[None])[0])
         return out
 
     @staticmethod

@@ -6,7 +6,7 @@ Sites: `pre_llm` (compact the language model's input), `llm_layer` (cut between 
 (compress each layer's cache after prefill) and `llm_attention` (attention among each layer's important tokens, see
 `hf_attention`). Signals: `ClsAttention`, `VisionAttention`, `VisionKeys` (recomputed from the CLIP tower's q/k),
 `PixelValues`, `ProjectorInput` (the feature layer's output with [CLS]; enables pre-projector merges), and from the
-language model `QueryAttention`, `Transitions`, `PrefillKV`.
+language model `QueryAttention`, `ReceivedAttention`, `Transitions`, `PrefillKV`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ..core.signals import (
     PrefillKV,
     ProjectorInput,
     QueryAttention,
+    ReceivedAttention,
     Transitions,
     VisionAttention,
     VisionKeys,
@@ -102,6 +103,7 @@ def attach_language_model(cutter: DecoderCutter, method: "Method", trace: "Trace
         trace,
         [r for r in requests if isinstance(r, QueryAttention)],
         [r for r in requests if isinstance(r, Transitions)],
+        [r for r in requests if isinstance(r, ReceivedAttention)],
     )
 
 
@@ -189,7 +191,10 @@ class LlavaAdapter(Adapter):
     family = "llava"
     sites = frozenset({"pre_llm", "llm_layer", "kv_cache", "llm_attention"})
     signals = frozenset(
-        {ClsAttention, QueryAttention, PixelValues, PrefillKV, Transitions, VisionAttention, VisionKeys, ProjectorInput}
+        {
+            ClsAttention, QueryAttention, PixelValues, PrefillKV, Transitions, VisionAttention, VisionKeys,
+            ProjectorInput, ReceivedAttention,
+        }
     )
 
     @classmethod

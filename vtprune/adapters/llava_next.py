@@ -14,9 +14,9 @@ order), then every video's frames. Images are numbered 0..I-1 and frames I, I+1,
 Budgets: per image by default (base view and tiles share it); see `vtprune.core.scope` for "tile" and "video".
 Sites: `pre_llm`, `llm_layer`, `kv_cache`, `llm_attention`. Signals: `ClsAttention` (per encoder input; frames' rows
 pooled like their features, see `per_patch_signals`; patch axis padded to the largest input), `QueryAttention`,
-`PixelValues` (the encoder's inputs, in encoder order), `PrefillKV`, `Transitions`. Not offered: the encoder's full
-attention / keys / projector input (`VisionAttention`, `VisionKeys`, `ProjectorInput`), whose methods (vflowopt,
-visionzip) index images by `span.image` and know no tiles or frames yet.
+`ReceivedAttention`, `PixelValues` (the encoder's inputs, in encoder order), `PrefillKV`, `Transitions`. Not
+offered: the encoder's full attention / keys / projector input (`VisionAttention`, `VisionKeys`, `ProjectorInput`),
+whose methods (vflowopt, visionzip) index images by `span.image` and know no tiles or frames yet.
 """
 
 from __future__ import annotations
@@ -34,7 +34,15 @@ from torch import Tensor, nn
 from ..core.adapter import Adapter, register_adapter
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout, VisualSpan
-from ..core.signals import ClsAttention, ModelInfo, PixelValues, PrefillKV, QueryAttention, Transitions
+from ..core.signals import (
+    ClsAttention,
+    ModelInfo,
+    PixelValues,
+    PrefillKV,
+    QueryAttention,
+    ReceivedAttention,
+    Transitions,
+)
 from .hf_decoder import DecoderCutter
 from .llava import VisionSignals, attach_language_model, model_info
 
@@ -100,7 +108,7 @@ def _arguments(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
 class LlavaNextAdapter(Adapter):
     family = "llava_next"
     sites = frozenset({"pre_llm", "llm_layer", "kv_cache", "llm_attention"})
-    signals = frozenset({ClsAttention, QueryAttention, PixelValues, PrefillKV, Transitions})
+    signals = frozenset({ClsAttention, QueryAttention, PixelValues, PrefillKV, Transitions, ReceivedAttention})
     model_class = "LlavaNextForConditionalGeneration"
     video_newline = False  # whether the model appends one newline token to every video
     # signals with one value per patch [inputs, ..., patches]: for frames they are pooled like the frames' features

@@ -1,7 +1,7 @@
 """The core: layout, budgets, keep plans, signals, sessions. It knows no model family and no method by name."""
 
 from .adapter import Adapter, adapter_for, register_adapter
-from .attention import attention_rows
+from .attention import attention_rows, received_attention
 from .budget import check_keep, keep_count
 from .errors import UnsupportedModelError, UnsupportedSignalError, VTPruneError
 from .layout import VisualLayout, VisualSpan
@@ -18,6 +18,7 @@ from .signals import (
     PrefillKV,
     ProjectorInput,
     QueryAttention,
+    ReceivedAttention,
     Transitions,
     TransitionStats,
     VisionAttention,
@@ -26,10 +27,10 @@ from .signals import (
 
 __all__ = [
     "Adapter", "Choice", "ClsAttention", "ForwardRecord", "IntRange", "KeepPlan", "LayerKV", "Merge", "Method",
-    "ModelInfo", "Param", "PixelValues", "PrefillKV", "ProjectorInput", "QueryAttention", "SCOPES", "Session",
-    "SiteContext", "SiteRecord", "Trace", "TransitionStats", "Transitions", "Uniform", "UnsupportedModelError",
-    "UnsupportedSignalError", "VTPruneError", "VisionAttention", "VisionKeys", "VisualLayout", "VisualSpan",
-    "adapter_for", "attention_rows", "available", "budget_groups", "check_keep", "check_scope", "keep_all",
-    "keep_count", "keep_heads", "keep_top", "load_preset", "make", "method_class", "per_image", "register",
-    "register_adapter", "top_k",
+    "ModelInfo", "Param", "PixelValues", "PrefillKV", "ProjectorInput", "QueryAttention", "ReceivedAttention",
+    "SCOPES", "Session", "SiteContext", "SiteRecord", "Trace", "TransitionStats", "Transitions", "Uniform",
+    "UnsupportedModelError", "UnsupportedSignalError", "VTPruneError", "VisionAttention", "VisionKeys",
+    "VisualLayout", "VisualSpan", "adapter_for", "attention_rows", "available", "budget_groups", "check_keep",
+    "check_scope", "keep_all", "keep_count", "keep_heads", "keep_top", "load_preset", "make", "method_class",
+    "per_image", "received_attention", "register", "register_adapter", "top_k",
 ]

@@ -32,3 +32,21 @@ def attention_rows(
         allowed = allowed & (key_index[None, None, None, :] <= query_positions[:, None, :, None])
     logits = logits.masked_fill(~allowed, float("-inf"))
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def received_attention(
+    queries: Tensor,
+    keys: Tensor,
+    scale: float,
+    key_mask: Tensor | None = None,
+    query_positions: Tensor | None = None,
+    chunk: int = 256,
+) -> Tensor:
+    """[B, L] float32: the attention each key receives, summed over heads and query rows (`attention_rows` of the
+    same arguments), computed `chunk` query rows at a time so memory stays O(chunk · L) per head."""
+    total = torch.zeros(keys.shape[0], keys.shape[2], dtype=torch.float32, device=keys.device)
+    for start in range(0, queries.shape[2], chunk):
+        rows = slice(start, start + chunk)
+        positions = None if query_positions is None else query_positions[:, rows]
+        total += attention_rows(queries[:, :, rows], keys, scale, key_mask, positions).sum(dim=(1, 2))
+    return total

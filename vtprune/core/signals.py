@@ -40,6 +40,20 @@ class QueryAttention:
 
 
 @dataclass(frozen=True)
+class ReceivedAttention:
+    """Softmax attention each token receives at an LLM decoder layer, summed over heads and query rows, in float32.
+
+    Computed from layer `layer`'s own norm, q/k projections and RoPE on the sequence that layer runs on (after a cut
+    made before it), causal, padding excluded. `queries`: "all" (every real token) or "text" (every non-visual one).
+    A later cut must follow the layer. Value: list over samples of float32 tensors [seq_len] (positions of the
+    sequence at `layer`; padding gets 0).
+    """
+
+    layer: int
+    queries: str = "all"
+
+
+@dataclass(frozen=True)
 class PixelValues:
     """The pixel tensor that entered the vision encoder. Value: tensor [num_images, channels, height, width]."""
 
