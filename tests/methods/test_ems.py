@@ -29,7 +29,8 @@ class Reference:
         self.scale = 1 / math.sqrt(q.shape[2])
         heads = range(g * group, (g + 1) * group)
         self.entries = [
-            {"pos": j, "K": k[g, j].clone(), "V": v[g, j].clone(), "A": 0.0, "C": float(N - j), "eligible": bool(eligible[j])}
+            {"pos": j, "K": k[g, j].clone(), "V": v[g, j].clone(), "A": 0.0, "C": float(N - j),
+             "eligible": bool(eligible[j])}
             for j in range(N)
         ]
         for h in heads:  # I1: A_j = attention from every prompt query, averaged over the group's heads
@@ -88,7 +89,8 @@ class Reference:
         return merged, leaving
 
     def step(self, t, k_new, v_new, eligible):
-        self.entries.append({"pos": t, "K": k_new.clone(), "V": v_new.clone(), "A": 0.0, "C": 0.0, "eligible": eligible})
+        new = {"pos": t, "K": k_new.clone(), "V": v_new.clone(), "A": 0.0, "C": 0.0, "eligible": eligible}
+        self.entries.append(new)
         for h in range(self.g * self.group, (self.g + 1) * self.group):
             probs = softmax([float(self.q[h, t] @ e["K"]) * self.scale for e in self.entries])
             for e, p in zip(self.entries, probs):
@@ -114,7 +116,10 @@ def apply(keys, values, update):
 
 
 def positions_of(merged, positions):
-    return [{int(positions[h, c]): sorted(positions[h, m].tolist()) for c, m in heads.items()} for h, heads in enumerate(merged)]
+    return [
+        {int(positions[h, c]): sorted(positions[h, m].tolist()) for c, m in heads.items()}
+        for h, heads in enumerate(merged)
+    ]
 
 
 @pytest.mark.parametrize("evict, budget, tau", [("all", 16, 0.5), ("all", 12, 0.3), ("visual", 6, 0.4)])
@@ -130,7 +135,7 @@ def test_every_step_equals_the_reference(evict, budget, tau):
     layer = EMSLayer(kv_heads, budget, recent, window, tau, evict)
     scale = 1 / math.sqrt(D)
 
-    kept, update = layer.prefill(q[:, :N], k[:, :N], scale, eligible)
+    _, update = layer.prefill(q[:, :N], k[:, :N], scale, eligible)
     keys, values, merged = apply(k[:, :N], v[:, :N], update)
     prompt = torch.arange(N).expand(kv_heads, N)
     expected = [ref.compress() for ref in refs]
@@ -142,7 +147,8 @@ def test_every_step_equals_the_reference(evict, budget, tau):
             assert layer.entries.positions[h].tolist() == [e["pos"] for e in ref.entries]
             torch.testing.assert_close(keys[h], torch.stack([e["K"] for e in ref.entries]), atol=1e-5, rtol=0)
             torch.testing.assert_close(values[h], torch.stack([e["V"] for e in ref.entries]), atol=1e-5, rtol=0)
-            torch.testing.assert_close(layer.accumulated[h], torch.tensor([e["A"] for e in ref.entries]), atol=1e-5, rtol=1e-5)
+            accumulated = torch.tensor([e["A"] for e in ref.entries])
+            torch.testing.assert_close(layer.accumulated[h], accumulated, atol=1e-5, rtol=1e-5)
         eligible_kept = int(layer.entries.eligible[0].sum())
         assert eligible_kept <= budget
         if s == STEPS:

@@ -1,4 +1,4 @@
-"""StreamingLLM: kept sets and pos-shift attention equal the official code's outputs (tests/data/reference/streamingllm)."""
+"""StreamingLLM: kept sets and pos-shift attention equal the official code's outputs (tests/data/reference/...)."""
 
 from __future__ import annotations
 
@@ -115,8 +115,8 @@ def test_budget_at_least_the_sequence_evicts_nothing():
 
 
 def test_visual_only_keeps_text_and_the_first_and_last_visual_tokens():
-    """Reference from the spec: text stays; of the visual tokens (in order) the first S and the last B - S stay; decoding
-    (text only) evicts nothing."""
+    """Reference from the spec: text stays; of the visual tokens (in order) the first S and the last B - S stay;
+    decoding (text only) evicts nothing."""
     visual = torch.zeros(30, dtype=torch.bool)
     visual[3:19] = True
     visual[21:27] = True  # two images: 16 + 6 visual tokens

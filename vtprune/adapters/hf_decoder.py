@@ -537,9 +537,10 @@ class DecoderCutter:
                     rows = valid.nonzero()[:, 0]
                 else:
                     rows = self._query_rows(QueryAttention(request.layer, "text"), b, segment.mask2d).to(valid.device)
-                one = (lambda t: t[b : b + 1]) if cos.dim() == 3 else (lambda t: t[:, b : b + 1])
-                q = self.rotate(attn, self._project(attn, attn.q_proj, x[b : b + 1], "q_norm"), one(cos), one(sin))
-                k = self.rotate(attn, self._project(attn, attn.k_proj, x[b : b + 1], "k_norm"), one(cos), one(sin))
+                one = slice(b, b + 1)
+                cos_b, sin_b = (cos[one], sin[one]) if cos.dim() == 3 else (cos[:, one], sin[:, one])
+                q = self.rotate(attn, self._project(attn, attn.q_proj, x[b : b + 1], "q_norm"), cos_b, sin_b)
+                k = self.rotate(attn, self._project(attn, attn.k_proj, x[b : b + 1], "k_norm"), cos_b, sin_b)
                 out.append(received_attention(q[:, :, rows], k, attn.scaling, valid[None], rows[None])[0])
         return out
 

@@ -2,4 +2,6 @@
 
 from . import fastv, gui_kv, pool, random_prune, spatten, transprune, vflowopt, visionzip, vtc_cls, zipvl  # noqa: F401
 
-__all__ = ["fastv", "gui_kv", "pool", "random_prune", "spatten", "transprune", "vflowopt", "visionzip", "vtc_cls", "zipvl"]
+__all__ = [
+    "fastv", "gui_kv", "pool", "random_prune", "spatten", "transprune", "vflowopt", "visionzip", "vtc_cls", "zipvl",
+]

@@ -49,7 +49,7 @@ def decode_attention(query: Tensor, keys: Tensor, scale: float) -> Tensor:
 
 
 def prompt_attention(queries: Tensor, keys: Tensor, scale: float) -> Tensor:
-    """[H, Q, n] float32 causal softmax of the last Q prompt rows (queries [H, Q, d]) over the n prompt keys [H_c, n, d]."""
+    """[H, Q, n] float32 causal softmax of the last Q prompt rows (queries [H, Q, d]) over the keys [H_c, n, d]."""
     heads, count, _ = queries.shape
     n = keys.shape[1]
     logits = torch.einsum("hqd,hkd->hqk", queries.float(), repeat_heads(keys, heads).float()) * scale
@@ -59,8 +59,8 @@ def prompt_attention(queries: Tensor, keys: Tensor, scale: float) -> Tensor:
 
 
 def weighted_column_sums(queries: Tensor, keys: Tensor, scale: float, weights: Tensor, chunk: int = 256) -> Tensor:
-    """[H, n] Σ_q weights[q] · P[h, q, :] over the last Q prompt rows (queries [H, Q, d], weights [Q]), in row chunks so
-    memory stays O(chunk · n); P is the causal float32 softmax of `prompt_attention`."""
+    """[H, n] Σ_q weights[q] · P[h, q, :] over the last Q prompt rows (queries [H, Q, d], weights [Q]), in row
+    chunks so memory stays O(chunk · n); P is the causal float32 softmax of `prompt_attention`."""
     heads, count, _ = queries.shape
     n = keys.shape[1]
     total = torch.zeros(heads, n, dtype=torch.float32, device=keys.device)
@@ -131,5 +131,6 @@ def prompt_entries(eligible: Tensor, cache_heads: int) -> Entries:
 def check_budget(method: str, budget: int, protected: int, what: str) -> None:
     if budget <= protected:
         raise VTPruneError(
-            f"{method}: a budget of {budget} cache entries must exceed the {protected} {what}; raise keep or lower {what}"
+            f"{method}: a budget of {budget} cache entries must exceed the {protected} {what}; "
+            f"raise keep or lower {what}"
         )

@@ -1,14 +1,14 @@
 """A2SF (Jo & Shin, 2024): accumulative attention with a forgetting factor, at a fixed KV-cache budget.
 
-Per layer and cache head every entry carries A_k = Σ_q α^(now − q) · P[q, k], i.e. A ← α·A + p at every new query
-(α = 1 is H2O's plain accumulation). Follows the official real-drop cache (Dirac-Notation/A2SF @ a4360f1,
+Per layer and cache head every entry carries A_k = Σ_q α^(now − q) · P[q, k], i.e. A ← α·A + p at every new
+query (α = 1 is H2O's plain accumulation). Follows the official real-drop cache (Dirac-Notation/A2SF @ a4360f1,
 `H2OKVCache_LayerWise`): budget B = hh + recent per head.
 - Prefill (full attention): A_k = Σ_q α^(n−1−q) P[q, k] over all prompt rows. If n > B each head keeps its top-hh
   scores among slots [0, n − recent) plus the last `recent` slots, in slot order (the official boolean-mask gather
   keeps slot order, not score order).
-- Each decode step, after the forward (the query attended the B entries plus itself): A ← α·A + p on the old entries,
-  the new entry starts at its own self-attention, and if the cache holds more than B entries the head evicts its
-  lowest A among slots [0, L − recent) (the first minimum on ties).
+- Each decode step, after the forward (the query attended the B entries plus itself): A ← α·A + p on the old
+  entries, the new entry starts at its own self-attention, and if the cache holds more than B entries the head evicts
+  its lowest A among slots [0, L − recent) (the first minimum on ties).
 Keys keep their original positions. Grouped-query models: the official code is per query head (MHA only); here the
 rows of a group are reduced (`gqa_reduce`, default the mean) — or the site repeats K/V to the query heads ("expand").
 `evict="visual"` (our adaptation): only visual entries compete, for B visual entries; decoding then evicts nothing.
@@ -81,7 +81,7 @@ class A2SFLayer:
         return self.entries.positions.clone()
 
     def step(self, attention: Tensor) -> Tensor:
-        """attention: [H, L] the new token's softmax over the cache, itself last -> [H_c, m] slots to evict (m = 0, 1)."""
+        """attention: [H, L] the new token's softmax over the cache, itself last -> [H_c, m] slots to evict (m <= 1)."""
         rows = reduce_heads(attention.float(), self.cache_heads, self.gqa_reduce)  # [H_c, L]
         self.entries.append(eligible=self.evict == "all")
         self.scores = torch.cat([self.alpha * self.scores + rows[:, :-1], rows[:, -1:]], dim=1)
@@ -128,7 +128,8 @@ class A2SF:
         check_choice(self.name, "gqa_reduce", self.gqa_reduce, GQA_REDUCE)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise VTPruneError(f"a2sf alpha={self.alpha!r}: the forgetting factor must lie in [0, 1] (1 = H2O)")
-        if self.recent is not None and (isinstance(self.recent, bool) or not isinstance(self.recent, int) or self.recent < 0):
+        recent = self.recent
+        if recent is not None and (isinstance(recent, bool) or not isinstance(recent, int) or recent < 0):
             raise VTPruneError(f"a2sf recent={self.recent!r}: give an int >= 0, or None for max(16, B // 8)")
         if not 0.0 <= self.row_tolerance < 1.0:
             raise VTPruneError(f"a2sf row_tolerance={self.row_tolerance}: use a weight in [0, 1) (0 keeps every row)")

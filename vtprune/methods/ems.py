@@ -4,13 +4,13 @@ No official code and only the abstract could be read: this is PAPER-DERIVED and 
 I1-I12 (/work/shared/methods/ems.md), which docs/methods/ems.md lists. Per layer and cache head, every entry j has
 A_j (attention received from every query so far, averaged over the query heads of the group) and C_j (how many
 queries could see it: n − j for prompt token j, +1 per decode step).
-- Score: s = ĝ + l̂, ĝ = g / Σg with g = A / C (removes the causal bias of plain accumulation), l̂ = l / Σl with l the
-  attention the last w queries pay on the *current* cache (causal by position), both over all current entries.
+- Score: s = ĝ + l̂, ĝ = g / Σg with g = A / C (removes the causal bias of plain accumulation), l̂ = l / Σl with l
+  the attention the last w queries pay on the *current* cache (causal by position), both over all current entries.
 - Compression, whenever the eligible entries exceed B: the last r entries stay; the top B − r others by s become
   centres (kept); the rest leave. A leaver merges into its most similar centre (cosine of post-RoPE keys, same head)
-  if that similarity is at least τ (the "zero class" has similarity τ), else it is discarded. A centre c with members
-  M becomes, with weights w = s over {c} ∪ M: V_c = Σ w V / Σ w, K_c = ‖K_c‖ · u / ‖u‖ with u = Σ w K / ‖K‖; and
-  A_c += C_c · Σ_M A / C. Survivors keep their slot order and the centre's position.
+  if that similarity is at least τ (the "zero class" has similarity τ), else it is discarded. A centre c with
+  members M becomes, with weights w = s over {c} ∪ M: V_c = Σ w V / Σ w, K_c = ‖K_c‖ · u / ‖u‖ with
+  u = Σ w K / ‖K‖; and A_c += C_c · Σ_M A / C. Survivors keep their slot order and the centre's position.
 - Prefill: scored with all prompt rows (global) and the last w (local), compressed once if n > B. Decoding: the new
   entry is appended (A = its own self-attention, C = 1), scored, then compressed: one entry leaves per step.
 The policy returns which slots leave and, per head, which leavers merge into which centre with which K and V weights;
@@ -27,8 +27,19 @@ import torch
 from torch import Tensor
 
 from ..core import VTPruneError, check_keep
-from ._kv import EVICT, Entries, cache_budget, check_budget, check_choice, complement, gather_rows, prompt_entries
-from ._kv import reduce_heads, repeat_heads, weighted_column_sums
+from ._kv import (
+    EVICT,
+    Entries,
+    cache_budget,
+    check_budget,
+    check_choice,
+    complement,
+    gather_rows,
+    prompt_entries,
+    reduce_heads,
+    repeat_heads,
+    weighted_column_sums,
+)
 
 
 @dataclass
@@ -68,7 +79,7 @@ def global_local(accumulated: Tensor, counts: Tensor, local: Tensor) -> Tensor:
 
 def merge_weights(keys: Tensor, sources: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     """(key weights, value weights) [k] merging keys[sources] ([L, d] keys of one head; the centre first) with weights
-    `scores` [k]: V = Σ w V / Σ w; K = ‖K_centre‖ · u / ‖u‖, u = Σ w K / ‖K‖, written as weights on the raw keys."""
+    `scores` [k]: V = Σ w V / Σ w; K = ‖K_centre‖ · u / ‖u‖ with u = Σ w K / ‖K‖ (as weights on the raw keys)."""
     chosen = keys[sources].float()
     norms = chosen.norm(dim=-1)
     u = (scores[:, None] * chosen / norms[:, None]).sum(dim=0)
@@ -95,7 +106,7 @@ class EMSLayer:
 
         queries: [H, n, d] post-RoPE queries of every prompt token; keys: [H_c, n, d] post-RoPE; eligible: [n] bool.
         """
-        heads, n = queries.shape[0], keys.shape[1]
+        n = keys.shape[1]
         if queries.shape[1] != n:
             raise VTPruneError(f"ems prefill needs the queries of all {n} prompt tokens (its global score sums them)")
         sums = weighted_column_sums(queries, keys, scale, torch.ones(n))  # [H, n]
@@ -146,7 +157,9 @@ class EMSLayer:
         self.counts = gather_rows(self.counts, kept)
         return EMSUpdate(evict=evict, merges=merges)
 
-    def _merge_head(self, head: int, keys: Tensor, scores: Tensor, centres: Tensor, leavers: Tensor) -> list[EntryMerge]:
+    def _merge_head(
+        self, head: int, keys: Tensor, scores: Tensor, centres: Tensor, leavers: Tensor
+    ) -> list[EntryMerge]:
         """Route each leaver of one head to its most similar centre (or the zero class) and merge the members."""
         if not leavers.numel():
             return []

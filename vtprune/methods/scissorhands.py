@@ -32,7 +32,7 @@ GQA_REDUCE = ("mean", "any")
 
 
 def unimportant(attention: Tensor, attended: Tensor, cache_heads: int, gqa_reduce: str = "mean") -> Tensor:
-    """[H_c, ..., L] bool: attention [H, ..., L] below 1 / attended ([...] entries each row attended), per cache head."""
+    """[H_c, ..., L] bool: attention [H, ..., L] below 1 / attended ([...] entries each row saw), per cache head."""
     threshold = 1.0 / attended.float()[..., None]
     if gqa_reduce == "mean":
         return reduce_heads(attention.float(), cache_heads) < threshold
@@ -150,7 +150,9 @@ class Scissorhands:
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if option == "window" else 0):
                 raise VTPruneError(f"scissorhands {option}={value!r}: give an int >= {1 if option == 'window' else 0}")
         if not 0.0 < self.drop_fraction < 1.0:
-            raise VTPruneError(f"scissorhands drop_fraction={self.drop_fraction}: use a fraction of the budget in (0, 1)")
+            raise VTPruneError(
+                f"scissorhands drop_fraction={self.drop_fraction}: use a fraction of the budget in (0, 1)"
+            )
 
     def budget(self, prompt_len: int, visual: int, images: int) -> int:
         return cache_budget(self.name, self.keep, self.evict, prompt_len, visual, images)

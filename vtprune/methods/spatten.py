@@ -69,7 +69,7 @@ class SpAtten(Method):
     positions: ClassVar[str] = "original"
 
     keep: int | float = 0.25  # visual tokens per image (int) or ratio kept after the last cut
-    layers: tuple[int, ...] | None = None  # cuts, before these 0-based layers; None: every layer from max(3, ⌈0.15L⌉)
+    layers: tuple[int, ...] | None = None  # cuts before these 0-based layers; None: each layer from max(3, ⌈0.15L⌉)
     queries: str = "all"  # query rows that score: "all" (paper) or "text" (non-visual rows; less causal bias)
     scope: str = "image"  # which tokens share a budget: "image", "tile", "video" or "sample" (paper: one pool)
 

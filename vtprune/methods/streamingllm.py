@@ -30,7 +30,7 @@ KEY_POSITIONS = ("cache", "original")
 
 
 def streaming_keep(eligible: Tensor, budget: int, sinks: int) -> Tensor:
-    """[L] bool kept: every ineligible entry, the first `sinks` and the last `budget - sinks` eligible ones (slot order).
+    """[L] bool kept: every ineligible entry, the first `sinks` and the last `budget - sinks` eligible ones.
 
     eligible: [L] bool. Nothing is dropped while at most `budget` entries are eligible.
     """
