@@ -20,6 +20,7 @@ KEEP_ALL = {
     "vflowopt": dict(vit_keep=1.0, llm_keep1=1.0, llm_keep2=1.0),  # vit_keep=1 bypasses stage V (no recycling)
     "visionzip": dict(keep=GRID * GRID, contextual=0, cls_token=False),
     "zipvl": dict(tau=1.0),
+    "spatten": dict(keep=1.0, layers=(1, 2, 3)),
 }
 NOT_ON_LLAVA: set[str] = set()  # methods the LLaVA adapter refuses
 
@@ -58,8 +59,9 @@ KEEP_FOUR = {
     "transprune": dict(keep_ratios=(0.25,), prune_layers=(2,)),
     "vflowopt": dict(vit_keep=0.25, cell=4.0, llm_keep1=1.0, llm_keep2=1.0),  # 16 - 12 - 1 + 1 recycled = 4
     "visionzip": dict(keep=4),  # [CLS], 2 dominant patches, 1 contextual token
+    "spatten": dict(keep=4, layers=(2,)),
 }  # gui-kv compresses the cache, not the sequence: see test_kv_cache_site_compresses_every_layer below
-FIRST_CUT = {"fastv": 2, "transprune": 2}  # decoder layer before which the sequence shortens (0: the LLM input)
+FIRST_CUT = {"fastv": 2, "transprune": 2, "spatten": 2}  # decoder layer before which the sequence shortens (0: the LLM input)
 
 
 @pytest.mark.parametrize("name", sorted(KEEP_FOUR))

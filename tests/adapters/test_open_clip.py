@@ -36,6 +36,7 @@ NOT_ON_OPEN_CLIP = {
     "vflowopt": "prunes at the language model's input and between its decoder layers",
     "visionzip": "merges before the projector into a language model's input (no encoder-site variant)",
     "zipvl": "sparsifies a language model's attention and KV cache",
+    "spatten": "cuts between decoder layers; an open_clip tower has no language model",
 }
 
 

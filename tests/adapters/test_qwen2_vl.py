@@ -25,6 +25,7 @@ NOT_ON_QWEN = {
     "visionzip": "the Qwen vision tower has no [CLS] token",
     "transprune": "the adapter does not provide Transitions (renumbered M-RoPE ids are not defined by the spec)",
     "vflowopt": "the adapter does not provide VisionAttention (spec §9: last full-attention block, 2x2 merger groups)",
+    "spatten": "the adapter does not provide ReceivedAttention yet",
 }
 
 
