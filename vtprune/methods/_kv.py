@@ -9,6 +9,21 @@ heads are the `repeat_kv` order: cache head g serves query heads g·G .. g·G+G-
 Budgets count *eligible* entries: every entry with `evict="all"`, the visual ones with `evict="visual"` (text is then
 never evicted). Attention here is always float32 softmax(q·kᵀ·scale), recomputed from q/k so the model itself keeps
 running with SDPA / FlashAttention.
+
+How a site drives a policy `p` (options object) for sample b, layer l (n real prompt tokens, keys post-RoPE, real
+tokens only, padding removed; "slots" index that sample's entries in cache order):
+    state = p.layer_state(cache_heads, p.budget(n, n_visual, n_images))      # once per (sample, layer)
+    prefill, after the layer's full-prompt attention:
+        StreamingLLM       kept = state.prefill(eligible)
+        Scissorhands, A2SF kept = state.prefill(queries[:, -p.prompt_rows(n):], keys, scale, eligible)
+        EMS                kept, update = state.prefill(queries, keys, scale, eligible)   # apply update.merges first
+    each decode forward, after the attention, with the new token appended as the last slot:
+        StreamingLLM       evict = state.step()
+        Scissorhands, A2SF evict = state.step(decode_attention(query, keys, scale))
+        EMS                update = state.step(query, keys, scale); evict = update.evict   # merges first
+    then remove `evict` ([H_c, m] slots) from every head, survivors keeping their order; `state.entries.positions` is
+    what each head holds (token indices). StreamingLLM with key_positions="cache" also re-rotates the survivors
+    (`streamingllm.slot_shift`, `rotate_keys`) and feeds the next token at position = its cache length.
 """
 
 from __future__ import annotations
