@@ -27,6 +27,7 @@ KEEP_ALL = {
     "holov": dict(keep=1.0),
     "cdpruner": dict(keep=1.0),
     "pyramiddrop": dict(keep=1.0),
+    "spatten": dict(keep=1.0, layers=(1, 2, 3)),
 }
 NOT_ON_LLAVA: set[str] = set()  # methods the LLaVA adapter refuses
 
@@ -72,8 +73,9 @@ KEEP_FOUR = {
     "holov": dict(keep=4),  # official order within chunks
     "cdpruner": dict(keep=4),
     "pyramiddrop": dict(ratios=(0.25,), layer_list=(2,)),
+    "spatten": dict(keep=4, layers=(2,)),
 }  # gui-kv compresses the cache, not the sequence: see test_kv_cache_site_compresses_every_layer below
-FIRST_CUT = {"fastv": 2, "transprune": 2, "dart": 2, "pyramiddrop": 2}  # decoder layer before which the sequence shortens (0: the LLM input)
+FIRST_CUT = {"fastv": 2, "transprune": 2, "dart": 2, "pyramiddrop": 2, "spatten": 2}  # decoder layer before which the sequence shortens (0: the LLM input)
 
 
 @pytest.mark.parametrize("name", sorted(KEEP_FOUR))

@@ -32,6 +32,7 @@ NOT_ON_QWEN = {
     "scope": "its saliency is the vision tower's [CLS] attention; the Qwen tower has no [CLS] token",
     "holov": "its saliency is the vision tower's [CLS] attention; the Qwen tower has no [CLS] token",
     "vflowopt": "the adapter does not provide VisionAttention (spec §9: last full-attention block, 2x2 merger groups)",
+    "spatten": "the adapter does not provide ReceivedAttention yet",
 }
 
 

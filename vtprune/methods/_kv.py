@@ -1,0 +1,151 @@
+"""Shared pieces of the decode-time KV-cache policies (StreamingLLM, Scissorhands, A2SF, EMS).
+
+A policy keeps, per sample, per decoder layer and per cache head, an ordered list of cache *entries* (slot 0 is the
+oldest; a new token is appended as the last slot). A cache site drives one policy object per (sample, layer):
+`prefill(...)` says which prompt tokens each head keeps, `step(...)` (after each decode forward, with the new token
+already appended) says which slots to evict. Sizes: H query heads, H_c cache heads (H_c divides H; grouped-query
+heads are the `repeat_kv` order: cache head g serves query heads g·G .. g·G+G-1), L entries, d head size.
+
+Budgets count *eligible* entries: every entry with `evict="all"`, the visual ones with `evict="visual"` (text is then
+never evicted). Attention here is always float32 softmax(q·kᵀ·scale), recomputed from q/k so the model itself keeps
+running with SDPA / FlashAttention.
+
+How a site drives a policy `p` (options object) for sample b, layer l (n real prompt tokens, keys post-RoPE, real
+tokens only, padding removed; "slots" index that sample's entries in cache order):
+    state = p.layer_state(cache_heads, p.budget(n, n_visual, n_images))      # once per (sample, layer)
+    prefill, after the layer's full-prompt attention:
+        StreamingLLM       kept = state.prefill(eligible)
+        Scissorhands, A2SF kept = state.prefill(queries[:, -p.prompt_rows(n):], keys, scale, eligible)
+        EMS                kept, update = state.prefill(queries, keys, scale, eligible)   # apply update.merges first
+    each decode forward, after the attention, with the new token appended as the last slot:
+        StreamingLLM       evict = state.step()
+        Scissorhands, A2SF evict = state.step(decode_attention(query, keys, scale))
+        EMS                update = state.step(query, keys, scale); evict = update.evict   # merges first
+    then remove `evict` ([H_c, m] slots) from every head, survivors keeping their order; `state.entries.positions` is
+    what each head holds (token indices). StreamingLLM with key_positions="cache" also re-rotates the survivors
+    (`streamingllm.slot_shift`, `rotate_keys`) and feeds the next token at position = its cache length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..core import VTPruneError, keep_count
+
+EVICT = ("all", "visual")
+
+
+def check_choice(method: str, option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise VTPruneError(f"{method} {option}={value!r}: use one of {', '.join(map(repr, allowed))}")
+
+
+def cache_budget(method: str, keep: int | float, evict: str, prompt_len: int, visual: int, images: int) -> int:
+    """Eligible entries kept per head and layer. evict="all": an int is entries, a ratio is floor(ratio · prompt
+    length); evict="visual": an int is visual entries per image (times the images), a ratio is of the visual tokens."""
+    if evict == "all":
+        return keep_count(keep, prompt_len, what=f"the {prompt_len}-token prompt", rounding="floor")
+    per_image = keep * images if isinstance(keep, int) else keep
+    return keep_count(per_image, visual, what=f"the {visual} visual tokens of the prompt", rounding="floor")
+
+
+def repeat_heads(keys: Tensor, heads: int) -> Tensor:
+    """[H_c, L, d] -> [H, L, d] in `repeat_kv` order."""
+    return keys.repeat_interleave(heads // keys.shape[0], dim=0)
+
+
+def decode_attention(query: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """[H, L] float32 softmax of the new token's query [H, d] over every cache entry [H_c, L, d] (itself included)."""
+    logits = torch.einsum("hd,hld->hl", query.float(), repeat_heads(keys, query.shape[0]).float()) * scale
+    return torch.softmax(logits, dim=-1)
+
+
+def prompt_attention(queries: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """[H, Q, n] float32 causal softmax of the last Q prompt rows (queries [H, Q, d]) over the keys [H_c, n, d]."""
+    heads, count, _ = queries.shape
+    n = keys.shape[1]
+    logits = torch.einsum("hqd,hkd->hqk", queries.float(), repeat_heads(keys, heads).float()) * scale
+    rows = torch.arange(n - count, n)
+    future = torch.arange(n)[None, :] > rows[:, None]
+    return torch.softmax(logits.masked_fill(future.to(logits.device), float("-inf")), dim=-1)
+
+
+def weighted_column_sums(queries: Tensor, keys: Tensor, scale: float, weights: Tensor, chunk: int = 256) -> Tensor:
+    """[H, n] Σ_q weights[q] · P[h, q, :] over the last Q prompt rows (queries [H, Q, d], weights [Q]), in row
+    chunks so memory stays O(chunk · n); P is the causal float32 softmax of `prompt_attention`."""
+    heads, count, _ = queries.shape
+    n = keys.shape[1]
+    total = torch.zeros(heads, n, dtype=torch.float32, device=keys.device)
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        probs = prompt_attention(queries[:, start:stop], keys[:, : n - count + stop], scale)
+        total[:, : n - count + stop] += torch.einsum("hqk,q->hk", probs, weights[start:stop].float().to(probs.device))
+    return total
+
+
+def reduce_heads(values: Tensor, cache_heads: int, how: str = "mean") -> Tensor:
+    """[H, ...] per query head -> [H_c, ...] per cache head: the mean (or max) over each group."""
+    heads = values.shape[0]
+    if heads == cache_heads:
+        return values
+    grouped = values.view(cache_heads, heads // cache_heads, *values.shape[1:])
+    return grouped.mean(dim=1) if how == "mean" else grouped.amax(dim=1)
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [H_c, L, ...] at per-head slot indices [H_c, k] -> [H_c, k, ...]."""
+    if x.dim() == 2:
+        return x.gather(1, index)
+    return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(*index.shape, *x.shape[2:]))
+
+
+def complement(length: int, evict: Tensor) -> Tensor:
+    """[H_c, L - m] the slots each head keeps (ascending) when it evicts `evict` [H_c, m]."""
+    keep = torch.ones(evict.shape[0], length, dtype=torch.bool, device=evict.device)
+    keep.scatter_(1, evict, False)
+    return keep.nonzero()[:, 1].view(evict.shape[0], length - evict.shape[1])
+
+
+@dataclass
+class Entries:
+    """What a policy knows about the entries of one (sample, layer) cache, per cache head, in slot order."""
+
+    positions: Tensor  # [H_c, L] long: each entry's index in the sample's token sequence (padding not counted)
+    eligible: Tensor  # [H_c, L] bool: may be evicted (and counts toward the budget)
+    next_position: int  # the index the next token takes in the sequence
+
+    @property
+    def length(self) -> int:
+        return self.positions.shape[1]
+
+    def append(self, eligible: bool) -> None:
+        """The new token enters as the last slot of every head."""
+        heads = self.positions.shape[0]
+        new = torch.full((heads, 1), self.next_position, dtype=torch.long, device=self.positions.device)
+        self.next_position += 1
+        self.positions = torch.cat([self.positions, new], dim=1)
+        flag = torch.full((heads, 1), eligible, dtype=torch.bool, device=self.eligible.device)
+        self.eligible = torch.cat([self.eligible, flag], dim=1)
+
+    def keep(self, slots: Tensor) -> None:
+        """Keep these slots [H_c, C] (ascending per head)."""
+        self.positions = self.positions.gather(1, slots)
+        self.eligible = self.eligible.gather(1, slots)
+
+
+def prompt_entries(eligible: Tensor, cache_heads: int) -> Entries:
+    """Every prompt token [n] (eligible or not) as the entries of every head."""
+    n = eligible.numel()
+    positions = torch.arange(n, device=eligible.device).expand(cache_heads, n).clone()
+    return Entries(positions=positions, eligible=eligible.bool().expand(cache_heads, n).clone(), next_position=n)
+
+
+def check_budget(method: str, budget: int, protected: int, what: str) -> None:
+    if budget <= protected:
+        raise VTPruneError(
+            f"{method}: a budget of {budget} cache entries must exceed the {protected} {what}; "
+            f"raise keep or lower {what}"
+        )

@@ -1,0 +1,211 @@
+"""EMS (Li et al., 2024): evict-then-merge, head-wise, with a global-local importance score, at a fixed KV-cache budget.
+
+No official code and only the abstract could be read: this is PAPER-DERIVED and follows the spec's interpretations
+I1-I12 (/work/shared/methods/ems.md), which docs/methods/ems.md lists. Per layer and cache head, every entry j has
+A_j (attention received from every query so far, averaged over the query heads of the group) and C_j (how many
+queries could see it: n − j for prompt token j, +1 per decode step).
+- Score: s = ĝ + l̂, ĝ = g / Σg with g = A / C (removes the causal bias of plain accumulation), l̂ = l / Σl with l
+  the attention the last w queries pay on the *current* cache (causal by position), both over all current entries.
+- Compression, whenever the eligible entries exceed B: the last r entries stay; the top B − r others by s become
+  centres (kept); the rest leave. A leaver merges into its most similar centre (cosine of post-RoPE keys, same head)
+  if that similarity is at least τ (the "zero class" has similarity τ), else it is discarded. A centre c with
+  members M becomes, with weights w = s over {c} ∪ M: V_c = Σ w V / Σ w, K_c = ‖K_c‖ · u / ‖u‖ with
+  u = Σ w K / ‖K‖; and A_c += C_c · Σ_M A / C. Survivors keep their slot order and the centre's position.
+- Prefill: scored with all prompt rows (global) and the last w (local), compressed once if n > B. Decoding: the new
+  entry is appended (A = its own self-attention, C = 1), scored, then compressed: one entry leaves per step.
+The policy returns which slots leave and, per head, which leavers merge into which centre with which K and V weights;
+the cache site applies those weighted sums. `evict="visual"` (our adaptation): only visual entries compete, for B
+visual entries (leavers can only merge into visual centres); decoding then compresses nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..core import VTPruneError, check_keep
+from ._kv import (
+    EVICT,
+    Entries,
+    cache_budget,
+    check_budget,
+    check_choice,
+    complement,
+    gather_rows,
+    prompt_entries,
+    reduce_heads,
+    repeat_heads,
+    weighted_column_sums,
+)
+
+
+@dataclass
+class EntryMerge:
+    """Leavers merged into a centre of one head. Slots index the cache as it stood when the policy was called."""
+
+    head: int
+    centre: int
+    sources: Tensor  # [k] slots combined, the centre first
+    key_weights: Tensor  # [k] new K_centre = Σ key_weights · K[sources]
+    value_weights: Tensor  # [k] new V_centre = Σ value_weights · V[sources]
+
+
+@dataclass
+class EMSUpdate:
+    """What the site does to one (sample, layer) cache: write the merges, then remove `evict`."""
+
+    evict: Tensor  # [H_c, m] slots that leave (discarded or merged), ascending per head
+    merges: list[EntryMerge] = field(default_factory=list)
+
+
+def local_scores(window: Tensor, window_positions: Tensor, keys: Tensor, positions: Tensor, scale: float) -> Tensor:
+    """[H_c, L] Σ over the window queries [H, w, d] (at positions [w]) of their float32 softmax over the cache keys
+    [H_c, L, d] at entry positions [H_c, L], causal by position, averaged over each group's query heads."""
+    heads = window.shape[0]
+    logits = torch.einsum("hqd,hld->hql", window.float(), repeat_heads(keys, heads).float()) * scale
+    visible = repeat_heads(positions, heads)[:, None, :] <= window_positions[None, :, None]  # [H, w, L]
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    return reduce_heads(probs.sum(dim=1), keys.shape[0])
+
+
+def global_local(accumulated: Tensor, counts: Tensor, local: Tensor) -> Tensor:
+    """[H_c, L] s = ĝ + l̂: g = A / C and l, each normalised to sum 1 over the head's entries."""
+    g = accumulated / counts
+    return g / g.sum(dim=1, keepdim=True) + local / local.sum(dim=1, keepdim=True)
+
+
+def merge_weights(keys: Tensor, sources: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """(key weights, value weights) [k] merging keys[sources] ([L, d] keys of one head; the centre first) with weights
+    `scores` [k]: V = Σ w V / Σ w; K = ‖K_centre‖ · u / ‖u‖ with u = Σ w K / ‖K‖ (as weights on the raw keys)."""
+    chosen = keys[sources].float()
+    norms = chosen.norm(dim=-1)
+    u = (scores[:, None] * chosen / norms[:, None]).sum(dim=0)
+    return norms[0] * scores / (norms * u.norm()), scores / scores.sum()
+
+
+class EMSLayer:
+    """The compression state of one (sample, decoder layer) cache; every head compresses on its own."""
+
+    def __init__(
+        self, cache_heads: int, budget: int, recent: int, window: int, tau: float, evict: str = "all"
+    ) -> None:
+        check_budget("ems", budget, recent if evict == "all" else 0, "recent entries")
+        self.cache_heads, self.budget, self.recent, self.window, self.tau = cache_heads, budget, recent, window, tau
+        self.evict = evict
+        self.entries: Entries | None = None
+        self.accumulated: Tensor | None = None  # [H_c, L] A
+        self.counts: Tensor | None = None  # [H_c, L] C
+        self.queries: Tensor | None = None  # [H, w', d] the last w queries
+        self.query_positions: Tensor | None = None  # [w']
+
+    def prefill(self, queries: Tensor, keys: Tensor, scale: float, eligible: Tensor) -> tuple[Tensor, EMSUpdate]:
+        """(kept prompt indices [H_c, C], the update to apply to the prompt's cache first).
+
+        queries: [H, n, d] post-RoPE queries of every prompt token; keys: [H_c, n, d] post-RoPE; eligible: [n] bool.
+        """
+        n = keys.shape[1]
+        if queries.shape[1] != n:
+            raise VTPruneError(f"ems prefill needs the queries of all {n} prompt tokens (its global score sums them)")
+        sums = weighted_column_sums(queries, keys, scale, torch.ones(n))  # [H, n]
+        self.accumulated = reduce_heads(sums, self.cache_heads)
+        self.counts = (n - torch.arange(n, device=keys.device, dtype=torch.float32)).expand(self.cache_heads, n).clone()
+        count = min(self.window, n)
+        self.queries = queries[:, n - count :].float()
+        self.query_positions = torch.arange(n - count, n, device=keys.device)
+        self.entries = prompt_entries(eligible.to(keys.device), self.cache_heads)
+        update = self._compress(keys, scale)
+        return self.entries.positions.clone(), update
+
+    def step(self, query: Tensor, keys: Tensor, scale: float) -> EMSUpdate:
+        """query: [H, d] the new token's post-RoPE query; keys: [H_c, L, d] the cache with its key appended last."""
+        entries = self.entries
+        entries.append(eligible=self.evict == "all")
+        logits = torch.einsum("hd,hld->hl", query.float(), repeat_heads(keys, query.shape[0]).float()) * scale
+        row = reduce_heads(torch.softmax(logits, dim=-1), self.cache_heads)  # [H_c, L]
+        self.accumulated = torch.cat([self.accumulated + row[:, :-1], row[:, -1:]], dim=1)
+        self.counts = torch.cat([self.counts + 1, torch.ones_like(self.counts[:, :1])], dim=1)
+        position = entries.positions[0, -1:]
+        self.queries = torch.cat([self.queries, query.float()[:, None]], dim=1)[:, -self.window :]
+        self.query_positions = torch.cat([self.query_positions, position])[-self.window :]
+        return self._compress(keys, scale)
+
+    def _compress(self, keys: Tensor, scale: float) -> EMSUpdate:
+        entries = self.entries
+        heads, length = self.cache_heads, entries.length
+        eligible_count = int(entries.eligible[0].sum())
+        if eligible_count <= self.budget:
+            return EMSUpdate(evict=torch.zeros(heads, 0, dtype=torch.long, device=keys.device))
+        local = local_scores(self.queries, self.query_positions, keys, entries.positions, scale)
+        scores = global_local(self.accumulated, self.counts, local)  # [H_c, L]
+        protected = torch.zeros(heads, length, dtype=torch.bool, device=keys.device)
+        protected[:, max(length - self.recent, 0) :] = True
+        candidate = entries.eligible & ~protected
+        centres = max(self.budget - int((entries.eligible[0] & protected[0]).sum()), 0)  # recent entries stay anyway
+        top = torch.topk(scores.masked_fill(~candidate, float("-inf")), centres, dim=1, sorted=True).indices
+        is_centre = torch.zeros_like(candidate).scatter(1, top, True)
+        leaving = candidate & ~is_centre
+        evict = leaving.nonzero()[:, 1].view(heads, -1)
+        merges = []
+        for h in range(heads):
+            merges += self._merge_head(h, keys[h], scores[h], top[h], evict[h])
+        kept = complement(length, evict)
+        entries.keep(kept)
+        self.accumulated = gather_rows(self.accumulated, kept)
+        self.counts = gather_rows(self.counts, kept)
+        return EMSUpdate(evict=evict, merges=merges)
+
+    def _merge_head(
+        self, head: int, keys: Tensor, scores: Tensor, centres: Tensor, leavers: Tensor
+    ) -> list[EntryMerge]:
+        """Route each leaver of one head to its most similar centre (or the zero class) and merge the members."""
+        if not leavers.numel():
+            return []
+        unit = keys.float() / keys.float().norm(dim=-1, keepdim=True)
+        similarity = unit[leavers] @ unit[centres].T  # [m, centres]
+        best, index = similarity.max(dim=1)
+        merges = []
+        joined = best >= self.tau
+        for c in index[joined].unique().tolist():
+            centre = int(centres[c])
+            members = leavers[joined & (index == c)]
+            sources = torch.cat([centres[c : c + 1], members])
+            key_weights, value_weights = merge_weights(keys, sources, scores[sources])
+            merges.append(EntryMerge(head, centre, sources, key_weights, value_weights))
+            gain = (self.accumulated[head, members] / self.counts[head, members]).sum()
+            self.accumulated[head, centre] += self.counts[head, centre] * gain
+        return merges
+
+
+@dataclass
+class EMS:
+    """Options of EMS at the kv_cache site (to be registered as a Method once the decode-time site drives
+    `layer_state`)."""
+
+    name: ClassVar[str] = "ems"
+    sites: ClassVar[tuple[str, ...]] = ("kv_cache",)
+    budget_kind: ClassVar[str] = "cache_entries"  # keep counts cache entries per head and layer, not visual tokens
+
+    keep: int | float = 0.25  # B: entries per head and layer (int) or a ratio of the prompt (evict="visual": visual)
+    recent: int = 8  # r: newest entries always kept (never centres or leavers)
+    window: int = 8  # w: queries of the local score
+    tau: float = 0.5  # merge threshold: cosine of keys at or above it merges, below it discards
+    evict: str = "all"  # "all": every token is a candidate (paper); "visual": only visual tokens (our adaptation)
+
+    def __post_init__(self) -> None:
+        check_keep(self.keep)
+        check_choice(self.name, "evict", self.evict, EVICT)
+        for option, low in (("recent", 0), ("window", 1)):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise VTPruneError(f"ems {option}={value!r}: give an int >= {low}")
+        if not -1.0 <= self.tau <= 1.0:
+            raise VTPruneError(f"ems tau={self.tau}: the merge threshold is a cosine in [-1, 1] (above 1 never merges)")
+
+    def budget(self, prompt_len: int, visual: int, images: int) -> int:
+        return cache_budget(self.name, self.keep, self.evict, prompt_len, visual, images)
+
+    def layer_state(self, cache_heads: int, budget: int) -> EMSLayer:
+        return EMSLayer(cache_heads, budget, self.recent, self.window, self.tau, self.evict)
