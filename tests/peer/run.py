@@ -152,8 +152,7 @@ def failure_groups(result: dict[str, Any]) -> list[dict[str, Any]]:
     for family, fam in result["families"].items():
         for method, m in fam["methods"].items():
             for r in m["regressions"]:
-                where = r["vtprune_frames"][-1] if r["vtprune_frames"] else r["crash"]
-                where = re.sub(r".*?/(vtprune|tests)/", r"\1/", where.split(": in ")[0]).strip()
+                where = _path((r["vtprune_frames"][-1] if r["vtprune_frames"] else r["crash"]).split(": in ")[0])
                 key = (re.sub(r"\d+", "N", r["error"])[:200], where)
                 g = groups.setdefault(key, {"error": key[0], "where": where, "count": 0, "runs": {}, "tests": {},
                                             "example": f"{family} / {method}: {r['test']}", "tail": r["tail"],
@@ -229,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="pytest processes at once")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per pytest process")
     parser.add_argument("--skip-existing", action="store_true", help="reuse the .jsonl of runs that finished")
+    parser.add_argument("--report-only", action="store_true", help="run nothing; tabulate the .jsonl files in --out")
     args = parser.parse_args(argv)
 
     try:
@@ -247,12 +247,16 @@ def main(argv: list[str] | None = None) -> int:
         return not (args.skip_existing and done.is_file() and "in " in done.read_text()[-300:])
 
     timings: list[dict] = []
+    if args.report_only:
+        previous = out / "results.json"
+        timings = json.loads(previous.read_text())["timings"] if previous.is_file() else []
+        args.skip_existing = True
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         dense_runs = [pool.submit(run_one, tree, f, DENSE, out, args.select, args.timeout, threads)
-                      for f in args.families if needed(f, DENSE)]
+                      for f in args.families if needed(f, DENSE) and not args.report_only]
         timings += [r.result() for r in dense_runs]
         runs = [pool.submit(run_one, tree, f, m, out, args.select, args.timeout, threads)
-                for f in args.families for m in methods if needed(f, m)]
+                for f in args.families for m in methods if needed(f, m) and not args.report_only]
         timings += [r.result() for r in runs]
     result = summarise(out, args.families, methods, timings)
     result["groups"] = failure_groups(result)

@@ -73,6 +73,8 @@ def _attach(model: Any) -> None:
     from vtprune.core.adapter import adapter_for
 
     name = type(model).__name__
+    if any(session.adapter.model is model for _, session in SESSIONS.open):
+        return  # post_init called again on a built model (test_resize_embeddings_untied_no_reinit_on_post_init)
     try:
         adapter_for(model)
     except vtprune.UnsupportedModelError:
