@@ -35,7 +35,7 @@ test-all: $(STAMP) chromium
 # transformers' own model tests, dense and with a keep-all session of every method (tests/peer/README.md; hours).
 # Needs the transformers test files: PEER_SRC=<transformers git checkout> [PEER_REV=<tag or commit>] the first time.
 test-peer: $(STAMP)
-	$(BIN)/python -m tests.peer.run --out out/peer $(if $(PEER_SRC),--transformers-src $(PEER_SRC)) $(if $(PEER_REV),--transformers-rev $(PEER_REV))
+	$(BIN)/python -m tests.peer.run --out out/peer --jobs 2 $(if $(PEER_SRC),--transformers-src $(PEER_SRC)) $(if $(PEER_REV),--transformers-rev $(PEER_REV))
 
 clean:
 	rm -rf $(VENV) out
