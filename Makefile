@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.vtprune-installed
 
-.PHONY: setup run demo chromium test test-all bench clean
+.PHONY: setup run demo chromium test test-all test-peer bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP) chromium
-	$(BIN)/python -m pytest -q -m ''
+	$(BIN)/python -m pytest -q -m 'not peer'
+
+# transformers' own model tests, dense and with a keep-all session of every method (tests/peer/README.md; hours).
+# Needs the transformers test files: PEER_SRC=<transformers git checkout> [PEER_REV=<tag or commit>] the first time.
+test-peer: $(STAMP)
+	$(BIN)/python -m tests.peer.run --out out/peer --jobs 2 $(if $(PEER_SRC),--transformers-src $(PEER_SRC)) $(if $(PEER_REV),--transformers-rev $(PEER_REV))
 
 clean:
 	rm -rf $(VENV) out
