@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.vtprune-installed
 
-.PHONY: setup run demo chromium test test-all test-peer bench clean
+.PHONY: setup run demo chromium test test-peer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,6 @@ chromium:
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
-
-test-all: $(STAMP) chromium
-	$(BIN)/python -m pytest -q -m 'not peer'
 
 # transformers' own model tests, dense and with a keep-all session of every method (tests/peer/README.md; hours).
 # Needs the transformers test files: PEER_SRC=<transformers git checkout> [PEER_REV=<tag or commit>] the first time.

@@ -162,6 +162,34 @@ def test_compact_cache_keep_lists(kind: str) -> None:
         assert_bitwise(v, v2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compact_cache_per_head(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An index [B, H, C] (the kv_cache site: every head keeps its own positions) in one launch, bitwise."""
+    g = torch.Generator().manual_seed(3)
+    heads, length = 3, 12
+    keep = [torch.sort(torch.stack([torch.randperm(length, generator=g)[:c] for _ in range(heads)]), dim=1).values
+            for c in (5, 3)]  # ragged across the batch, the same count in every head of a sample
+    layers = [(strided((2, heads, length, 20), "contiguous", dtype), strided((2, heads, length, 20), "swapped", dtype))]
+    index, valid = kernels.left_padded_heads(keep)
+    launches = count_launches(monkeypatch)
+    ((k, v),) = kernels.compact_cache(layers, index, valid, backend="triton")
+    ((k2, v2),) = torch_ops.compact_cache(layers, index, valid)
+    assert len(launches) == 2  # K and V differ in layout here: one launch each
+    assert_bitwise(k, k2)
+    assert_bitwise(v, v2)
+
+
+def test_compact_sequence_of_hidden_states_alone() -> None:
+    """The encoder site gathers hidden states only (no positions, no mask)."""
+    keep = keep_lists("ragged", 9)
+    hidden = strided((len(keep), 9, 40), "contiguous", torch.float16)
+    index, valid = kernels.left_padded_index(keep)
+    actual = kernels.compact_sequence(hidden, None, None, index, valid, backend="triton")
+    expected = torch_ops.compact_sequence(hidden, None, None, index, valid)
+    assert actual[1] is None and actual[2] is None
+    assert_bitwise(actual[0], expected[0])
+
+
 # ---------------------------------------------------------------------------------------------- merge_tokens
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "sliced", "swapped"])
@@ -240,3 +268,23 @@ def test_pruned_llava_matches_torch_kernels(method: str, tiny_llava, batch, monk
         assert torch.equal(logits["triton"], logits["torch"])
     else:
         torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, options", [("gui-kv", dict(keep=0.5)), ("zipvl", dict(keep=0.8, probe="all"))])
+def test_cache_sites_compact_through_the_kernels(method, options, tiny_llava, batch, monkeypatch):
+    """The kv_cache site (per-head selection) and the llm_attention site (important tokens) compact caches with
+    `compact_cache`: the Triton path gives the torch path's logits and caches."""
+    import vtprune
+
+    calls: list[str] = []
+    op = kernels.ops._TRITON_OPS["compact_cache"]
+    monkeypatch.setitem(kernels.ops._TRITON_OPS, "compact_cache", lambda *a: calls.append("compact_cache") or op(*a))
+    out = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("VTPRUNE_KERNELS", backend)
+        with torch.no_grad(), vtprune.make(method, **options)(tiny_llava):
+            out[backend] = tiny_llava(**batch, use_cache=True)
+    assert calls.count("compact_cache") == len(tiny_llava.model.language_model.layers)  # one per layer
+    assert torch.equal(out["triton"].logits, out["torch"].logits)
+    for a, b in zip(out["triton"].cache.layers, out["torch"].cache.layers):
+        assert torch.equal(a.valid if method == "zipvl" else a.keys, b.valid if method == "zipvl" else b.keys)

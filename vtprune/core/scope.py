@@ -12,6 +12,8 @@ applies to the tokens of each group. Non-patch tokens (row ends, a video's newli
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -57,21 +59,30 @@ def budget_groups(layout: VisualLayout, sample: int, scope: str) -> list[tuple[T
     return [(torch.cat(groups[key]), len(units[key]), names[key]) for key in groups]
 
 
+def keep_selected(
+    layout: VisualLayout, sample: int, keep: int | float, scope: str, select: Callable[[Tensor, int], Tensor]
+) -> Tensor:
+    """The ordinals sample `sample` keeps: every non-patch token, and in every budget group the `count` patch tokens
+    `select(ordinals, count)` picks (as indices into `ordinals`); a group whose budget covers it stays whole."""
+    kept = [non_patch_ordinals(layout, sample)]
+    for ordinals, units, name in budget_groups(layout, sample, scope):
+        if not ordinals.numel():  # every patch of the group was dropped at an earlier cut
+            continue
+        budget = keep * units if isinstance(keep, int) else keep
+        count = keep_count(budget, int(ordinals.numel()), what=name)
+        kept.append(ordinals if count == ordinals.numel() else ordinals[select(ordinals, count).cpu()])
+    return torch.sort(torch.cat(kept)).values
+
+
 def keep_top(layout: VisualLayout, scores: list[Tensor], keep: int | float, scope: str = "image") -> KeepPlan:
     """Keep the top-scored patch tokens of every budget group (ties: lower ordinal) and every non-patch token.
 
     scores[b]: one score per visual ordinal of sample b.
     """
-    out = []
-    for b in range(layout.batch_size):
-        kept = [non_patch_ordinals(layout, b)]
-        for ordinals, units, name in budget_groups(layout, b, scope):
-            if not ordinals.numel():  # every patch of the group was dropped at an earlier cut
-                continue
-            budget = keep * units if isinstance(keep, int) else keep
-            count = keep_count(budget, int(ordinals.numel()), what=name)
-            kept.append(ordinals[top_k(scores[b][ordinals.to(scores[b].device)].cpu(), count)])
-        out.append(torch.sort(torch.cat(kept)).values)
+    out = [
+        keep_selected(layout, b, keep, scope, lambda ordinals, count: top_k(scores[b][ordinals.to(scores[b].device)].cpu(), count))
+        for b in range(layout.batch_size)
+    ]
     return KeepPlan(keep=out, scores=[s.detach().float().cpu() for s in scores])
 
 

@@ -29,12 +29,10 @@ from ..core import (
     Method,
     SiteContext,
     VTPruneError,
-    budget_groups,
     check_scope,
-    keep_count,
     register,
 )
-from ..core.scope import non_patch_ordinals
+from ..core.scope import keep_selected
 
 RELEVANCE = ("llm", "none")
 
@@ -116,18 +114,12 @@ class CDPruner(Method):
             visual = hidden[b, positions.to(hidden.device)].float()  # [n, D]
             r = self._relevance(layout, b, visual, hidden[b], mask[b])
             scores.append(r.cpu())
-            kept = [non_patch_ordinals(layout, b)]
-            for ordinals, units, what in budget_groups(layout, b, self.scope):
-                if not ordinals.numel():
-                    continue
-                budget = self.keep * units if isinstance(self.keep, int) else self.keep
-                count = keep_count(budget, ordinals.numel(), what=what)
-                if count == ordinals.numel():  # the greedy would pick every token
-                    kept.append(ordinals)
-                    continue
+
+            def select(ordinals: Tensor, count: int) -> Tensor:
                 index = ordinals.to(visual.device)
-                kept.append(ordinals[dpp_select(visual[index][None], r[index][None], count)[0].cpu()])
-            keep.append(torch.sort(torch.cat(kept)).values)
+                return dpp_select(visual[index][None], r[index][None], count)[0]
+
+            keep.append(keep_selected(layout, b, self.keep, self.scope, select))
         return KeepPlan(keep=keep, scores=scores)
 
     def _relevance(self, layout, sample: int, visual: Tensor, hidden: Tensor, mask: Tensor) -> Tensor:

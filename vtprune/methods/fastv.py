@@ -1,4 +1,5 @@
 """FastV (Chen et al., 2024): after decoder layer K-1, keep the visual tokens the last token attends to most.
+See docs/methods/fastv.md.
 
 Score: layer K-1's attention of the last prompt token (recomputed from that layer's q/k with RoPE), mean over heads,
 read at the visual keys. Layers 0..K-1 see every token and keep a full cache; the kept tokens keep their original

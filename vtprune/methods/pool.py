@@ -1,4 +1,5 @@
 """Spatial average pooling of each image's patch grid down to the budget: the downsampling baseline.
+See docs/methods/pool.md.
 
 The grid (rows × cols) is pooled to h × w cells with h·w ≤ keep (as many cells as the budget allows, shaped like the
 grid), exactly as `adaptive_avg_pool2d` bins it. Each cell becomes one token, the mean of its patches' language-model

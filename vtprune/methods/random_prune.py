@@ -1,4 +1,4 @@
-"""Random pruning: the baseline every method must beat. Seeded, so a run can be repeated.
+"""Random pruning: the baseline every method must beat. Seeded, so a run can be repeated. See docs/methods/random.md.
 
 Cuts before the language model, or inside the vision encoder after block `encoder_block` (see `EncoderCut`).
 """

@@ -30,12 +30,10 @@ from ..core import (
     SiteContext,
     VisualLayout,
     VTPruneError,
-    budget_groups,
     check_scope,
-    keep_count,
     register,
 )
-from ..core.scope import non_patch_ordinals
+from ..core.scope import keep_selected
 from ._scores import ordinal_scores
 
 COMBINES = ("multi", "add")
@@ -122,18 +120,11 @@ class Scope(Method):
                 rows = ordinal_rows(layout, b, ctx.signals[ProjectorInput()], int(info.vision_has_cls))
             else:
                 rows = ctx.hidden_states[b, layout.visual_positions(b).to(ctx.hidden_states.device)]
-            kept = [non_patch_ordinals(layout, b)]
-            for ordinals, units, what in budget_groups(layout, b, self.scope):
-                if not ordinals.numel():
-                    continue
-                budget = self.keep * units if isinstance(self.keep, int) else self.keep
-                count = keep_count(budget, ordinals.numel(), what=what)
-                if count == ordinals.numel():  # the greedy would pick every token
-                    kept.append(ordinals)
-                    continue
+
+            def select(ordinals: Tensor, count: int) -> Tensor:
                 index = ordinals.to(rows.device)
-                picks = scope_select(rows[index][None], scores[b][index.to(scores[b].device)][None].to(rows.device),
-                                     count, self.alpha, self.combine)[0]
-                kept.append(ordinals[picks.cpu()])
-            keep.append(torch.sort(torch.cat(kept)).values)
+                saliency = scores[b][index.to(scores[b].device)][None].to(rows.device)
+                return scope_select(rows[index][None], saliency, count, self.alpha, self.combine)[0]
+
+            keep.append(keep_selected(layout, b, self.keep, self.scope, select))
         return KeepPlan(keep=keep, scores=[s.detach().float().cpu() for s in scores])

@@ -1,4 +1,5 @@
 """VTC-CLS (Wang et al., 2024): keep the patches the vision encoder's [CLS] token attends to most.
+See docs/methods/vtc-cls.md.
 
 Score of patch p: sum over encoder layers `start_layer ..` (up to the layer whose output feeds the projector) of the
 head-mean [CLS] attention to p. The top-k patches of every image are kept, in raster order, before the language

@@ -1,7 +1,7 @@
 """Compaction kernels on a CUDA GPU: Triton against a plain device copy and against the chained torch path.
 
-    python benchmarks/kernels.py           # LLaVA-7B-sized KV cache and hidden states: a markdown table
-    python benchmarks/kernels.py --e2e     # also a pruned prefill of a LLaVA-1.5-7B-shaped model (random weights)
+    python benchmarks/triton_kernels.py           # LLaVA-7B-sized KV cache and hidden states: a markdown table
+    python benchmarks/triton_kernels.py --e2e     # also a pruned prefill of a LLaVA-1.5-7B-shaped model (random weights)
 
 Cache rows gather K and V of every layer ([B, H, L, d] each) to the kept tokens; hidden rows gather hidden states
 [B, L, D] with positions and mask. "moved" counts bytes read plus bytes written (2 x the output); the copy_ reference
@@ -194,9 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU, and torch sees none: nothing was measured.")
+        sys.exit("benchmarks/triton_kernels.py needs a CUDA GPU, and torch sees none: nothing was measured.")
     if "compact_cache" not in kernels._TRITON_OPS:
-        sys.exit("benchmarks/kernels.py needs triton (pip install 'vtprune[triton]'): nothing was measured.")
+        sys.exit("benchmarks/triton_kernels.py needs triton (pip install 'vtprune[triton]'): nothing was measured.")
     if kernels.triton_ops.interpreting():
         sys.exit("TRITON_INTERPRET is set: unset it to benchmark the compiled kernels.")
 
