@@ -82,7 +82,7 @@ FIRST_CUT = {"fastv": 2, "transprune": 2, "dart": 2, "pyramiddrop": 2, "spatten"
 def test_keep_k_shortens_sequence_and_cache(tiny_llava, batch, name):
     method = vtprune.make(name, **KEEP_FOUR[name])
     images = torch.tensor([1, 2])
-    text = batch["attention_mask"].sum(1) - 16 * images  # real text tokens (padding is dropped at a cut)
+    text = batch["input_ids"].shape[1] - 16 * images  # text and padding tokens (a cut keeps both)
     seen = {}
 
     def record_layer_input(index):

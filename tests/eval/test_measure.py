@@ -44,6 +44,6 @@ def test_cache_bytes_count_every_layer_at_its_own_length(tiny_llava, batch):
     for method, first in ((vtprune.make("random", keep=4), 0), (vtprune.make("fastv", keep=4, layer=2), 2)):
         with torch.no_grad(), method(tiny_llava):
             out = tiny_llava(**batch, use_cache=True)
-        # sample 1 holds two images: 2 x 12 tokens go; the re-padded batch is as long as that sample
-        kept = [length] * first + [length - 24] * (layers - first)
+        # padding stays like text: sample 0 (one image, 12 tokens go) is now the longest sample
+        kept = [length] * first + [length - 12] * (layers - first)
         assert cache_bytes(out.cache) == sum(2 * 2 * heads * n * dim * 4 for n in kept)  # k and v, batch 2, fp32

@@ -103,3 +103,35 @@ def swap_class(obj: Any, overrides: dict[str, Any], adapter: Any) -> type:
 
     adapter.on_detach(restore)
     return original
+
+
+def expanded_items(row_tokens: list[int], item_tokens: list[int], what: str = "image") -> list[int] | None:
+    """Which encoded item (image, video) stands behind each item of the prompt, in prompt order, when generate()
+    encoded a batch's media once and then repeated every sample k times (beam search, num_return_sequences): the
+    samples' rows come k at a time, each with the whole media group of its sample. None when nothing was repeated.
+
+    row_tokens: placeholder tokens of each row of the prompt; item_tokens: tokens of each encoded item, in order.
+    """
+    total_rows, total_items = sum(row_tokens), sum(item_tokens)
+    if total_rows == total_items:
+        return None
+    repeats = total_rows // total_items if total_items else 0
+    if not repeats or total_rows % total_items or len(row_tokens) % repeats:
+        raise VTPruneError(
+            f"the prompt holds {total_rows} {what} tokens but the encoded {what}s need {total_items}; "
+            f"run the model (or generate) inside the `with` block"
+        )
+    out, item = [], 0
+    for start in range(0, len(row_tokens), repeats):
+        group = row_tokens[start : start + repeats]
+        if len(set(group)) != 1:
+            raise VTPruneError(f"rows {start}..{start + repeats - 1} should repeat one sample's {what}s but differ")
+        items, need = [], group[0]
+        while need > 0 and item < len(item_tokens):
+            items.append(item)
+            need -= item_tokens[item]
+            item += 1
+        if need != 0:
+            raise VTPruneError(f"the {what} tokens of rows {start}.. do not match whole encoded {what}s")
+        out += items * repeats
+    return out

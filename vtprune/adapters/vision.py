@@ -13,7 +13,7 @@ from ..core.attention import attention_rows
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout
 from ..core.signals import ClsAttention, ModelInfo, PixelValues, ProjectorInput, VisionAttention, VisionKeys
-from .common import kwarg
+from .common import expanded_items, kwarg
 
 
 def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
@@ -130,7 +130,7 @@ class VisionSignals:
 
     def _capture_output(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            self._rows[("output", index)] = (output[0] if isinstance(output, tuple) else output).detach()
+            self._rows[("output", index)] = output[0] if isinstance(output, tuple) else output  # merges may need grads
 
         return hook
 
@@ -143,10 +143,16 @@ class VisionSignals:
             self.values[ProjectorInput()] = torch.cat(outputs, dim=-1)  # as LLaVA concatenates feature layers
 
     def for_layout(self, layout: VisualLayout) -> dict[Any, Any]:
-        for request, value in self.values.items():
-            if value.shape[0] != layout.num_images:
-                raise VTPruneError(
-                    f"the vision encoder saw {value.shape[0]} images but the prompt holds {layout.num_images}; "
-                    "run the model (or generate) inside the `with` block, without num_return_sequences > 1"
-                )
-        return dict(self.values)
+        """The signals of the images of `layout`, in its order: generate() encodes a batch's images once and repeats
+        each sample for beam search or several return sequences; the signals are repeated the same way."""
+        encoded = {value.shape[0] for value in self.values.values()}
+        if not encoded or encoded == {layout.num_images}:
+            return dict(self.values)
+        index = expanded_items([len(spans) for spans in layout.spans], [1] * min(encoded))  # one span per image
+        if index is None or len(encoded) > 1:
+            raise VTPruneError(
+                f"the vision encoder saw {min(encoded)} images but the prompt holds {layout.num_images}; "
+                "run the model (or generate) inside the `with` block"
+            )
+        rows = torch.tensor(index)
+        return {request: value.index_select(0, rows.to(value.device)) for request, value in self.values.items()}

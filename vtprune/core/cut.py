@@ -1,7 +1,7 @@
 """A keep plan compiled for one sequence: the gather indices every site applies through `vtprune.kernels.apply_cut`.
 
 `compile_cut` validates the plan once and turns it, on the CPU, into what the kernels need: per sample the sequence
-positions kept (text, kept visual tokens; padding dropped), a left-padded gather index, the sequence-space merges in
+positions kept (every non-visual position, padding included, and the kept visual tokens), a left-padded gather index, the sequence-space merges in
 CSR form (in sequence positions), the permutation `KeepPlan.order` asks for, and the layout after the cut.
 """
 
@@ -36,7 +36,7 @@ class MergeTable:
 class Cut:
     """What applying a plan does to a sequence [B, L] -> [B, L']."""
 
-    keep: list[Tensor]  # per sample: ascending positions of the old sequence kept (padding dropped)
+    keep: list[Tensor]  # per sample: ascending positions of the old sequence kept
     index: Tensor  # [B, L'] long: old position of every new slot (kept tokens right-aligned: left padding)
     valid: Tensor  # [B, L'] bool: False at the padding slots
     new_position: list[Tensor]  # per sample [L] long: new position of each old position (read at kept positions)
@@ -67,15 +67,12 @@ def left_padded_index(keep: list[Tensor], device: torch.device | str | None = No
     return index.to(device), valid.to(device)
 
 
-def compile_cut(plan: KeepPlan, layout: VisualLayout, real: Tensor | None = None) -> Cut:
-    """Validate `plan` against `layout` and compile it for a sequence whose real (non-padding) tokens are `real`
-    ([B, L] bool; None: all real)."""
+def compile_cut(plan: KeepPlan, layout: VisualLayout) -> Cut:
+    """Validate `plan` against `layout` and compile it. Padding positions are kept like text (a keep-all plan
+    changes nothing, whatever the mask); a sample that keeps fewer tokens gets more left padding."""
     plan.validate(layout)
     batch, length = layout.batch_size, layout.seq_len
-    real = torch.ones(batch, length, dtype=torch.bool) if real is None else real.bool().cpu()
-    if tuple(real.shape) != (batch, length):
-        raise VTPruneError(f"the sequence is {tuple(real.shape)} but the layout describes ({batch}, {length})")
-    keep = [positions[real[b, positions]] for b, positions in enumerate(plan.keep_positions(layout))]
+    keep = plan.keep_positions(layout)
     index, valid = left_padded_index(keep)
     new_length = index.shape[1]
     new_position = []

@@ -308,7 +308,7 @@ class DecoderCutter:
         state = self.prefill
         with torch.no_grad():
             plan = self.method.plan(ctx)
-        cut = compile_cut(plan, ctx.layout, segment.mask2d.bool())  # padding is dropped too (left-padded again)
+        cut = compile_cut(plan, ctx.layout)  # text and padding stay; samples are left-padded to the longest again
         state.record.sites.extend(site_records(ctx, plan))
         positions, offset = self.reposition(
             self.method.position_mode(ctx), ctx.layout, cut.keep, segment.positions, segment.offset
