@@ -32,7 +32,7 @@ from ..core.adapter import Adapter, register_adapter
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout, VisualSpan
 from ..core.signals import ModelInfo, PrefillKV, Transitions
-from .common import call_arguments, continues_cache, kwarg, media_in_call, placeholder_mask, token_runs
+from .common import call_arguments, continues_cache, expanded_items, kwarg, media_in_call, placeholder_mask, token_runs
 from .decoder import LLM_SIGNALS, DecoderCutter
 
 if TYPE_CHECKING:
@@ -170,6 +170,10 @@ class QwenVLAdapter(Adapter):
                 "the prompt holds image tokens but vtprune saw no image grid: pass the processor's image_grid_thw and "
                 "run the vision encoder inside the `with` block (not precomputed image features)"
             )
+        tokens = [t * h * w // self.merge**2 for t, h, w in grids]
+        expanded = expanded_items(is_image.sum(1).tolist(), tokens) if grids else None
+        if expanded is not None:  # beam search / num_return_sequences repeated the samples after encoding
+            grids = [grids[i] for i in expanded]
         spans, image = [], 0
         for row in is_image:
             sample = []

@@ -4,7 +4,10 @@ After a cut, the layers from one cut to the next (a *segment*) hold the same pro
 left-padded to the longest sample. A `PrunedLayer` replaces such a layer's transformers `DynamicLayer`:
 - `get_seq_length()` is the *logical* length (every token the layer stands for, as if nothing were pruned), so
   generate() slices re-fed inputs right when it continues from a returned cache;
-- `get_mask_sizes()` is the *physical* one, so attention masks match the stored keys;
+- `get_mask_sizes()` spans the *physical* entries, placed at the end of the logical range (offset = entries dropped),
+  so that a query at logical position p sees exactly the stored entries before it: causality holds for several new
+  tokens at once (assisted decoding, a continued prompt), and the 2-D mask is the caller's length with the dropped
+  entries as zeros (see `DecoderCutter._continuation_mask`);
 - beam search's reorder / repeat / select (and assisted decoding's crop) move the segment's prompt mask and position
   offsets together with the keys, so every beam keeps its own padding and positions.
 The segment's per-sample state is shared by its layers: a batch operation applies to it once, when the cache passes
@@ -62,9 +65,15 @@ class PrunedLayer(DynamicLayer):
             return 0
         return self.keys.shape[-2] - self.prefix + self.segment.prompt_length
 
+    @property
+    def dropped(self) -> int:
+        """Prompt entries the segment's cuts removed."""
+        return self.segment.prompt_length - self.prefix
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        physical = self.keys.shape[-2] if self.is_initialized and self.keys.numel() else 0
-        return physical + query_length, 0
+        if not self.is_initialized or self.keys.numel() == 0:
+            return query_length, 0
+        return self.keys.shape[-2] + query_length, self.dropped
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

@@ -109,16 +109,26 @@ class CompressedLayer(DynamicLayer):
         self._select(torch.arange(batch).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last tokens (assisted decoding's rejected candidates): from the tail, then from full-precision
+        blocks (a prefill that held candidates); quantised entries cannot be cut back."""
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")
         count = -tokens_to_remove
-        tail = self.tail.keys.shape[2] if self.tail is not None else 0
-        if count > tail:
-            raise VTPruneError(
-                f"cannot crop {count} tokens from a compressed cache whose uncompressed tail holds {tail}; "
-                "set the method's decode_period larger than the tokens assisted decoding may reject"
-            )
-        if count:
-            t = self.tail
-            self.tail = Block(t.valid[:, :-count], t.keys[:, :, :-count], t.values[:, :, :-count])
-            self.seen -= count
+        blocks = self.all_blocks
+        while count and blocks:
+            block = blocks[-1]
+            length = block.valid.shape[1]
+            if block.quantized is not None:
+                raise VTPruneError(
+                    f"cannot crop {count} tokens from a quantised cache block; set the method's decode_period larger "
+                    "than the tokens assisted decoding may reject, or decode without an assistant"
+                )
+            cut = min(count, length)
+            blocks[-1] = Block(block.valid[:, : length - cut], block.keys[:, :, : length - cut],
+                               block.values[:, :, : length - cut])
+            if cut == length:
+                blocks.pop()
+            count -= cut
+            self.seen -= cut
+        tail_left = self.tail is not None and len(blocks) > len(self.blocks)
+        self.blocks, self.tail = (blocks[:-1], blocks[-1]) if tail_left else (blocks, None)

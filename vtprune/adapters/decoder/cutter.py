@@ -254,9 +254,13 @@ class DecoderCutter:
         )
 
     def _continuation_mask(self, segment: Segment) -> Tensor:
-        """The segment's prompt mask as its cache stores it, followed by the caller's mask of everything after it."""
-        tail = self.continuation.mask[:, segment.prompt_length :].to(segment.mask2d.dtype)
-        return torch.cat([segment.mask2d, tail], dim=1)
+        """[B, caller's length]: zeros for the prompt entries the segment's cuts dropped, the segment's prompt mask as
+        its cache stores it, then the caller's mask of everything after the prompt (see `PrunedLayer.get_mask_sizes`)."""
+        caller = self.continuation.mask
+        dropped = segment.prompt_length - segment.mask2d.shape[1]
+        head = segment.mask2d.new_zeros(caller.shape[0], dropped)
+        tail = caller[:, segment.prompt_length :].to(segment.mask2d.dtype)
+        return torch.cat([head, segment.mask2d, tail], dim=1)
 
     def _transition_hook(self, index: int, which: int):
         """Forward hook on layer `index`'s attention (which=0) or MLP (which=1): norm ratio and cosine, in fp32."""
