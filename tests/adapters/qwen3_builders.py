@@ -8,8 +8,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from tests.adapters.qwen_builders import CHAT_TEMPLATE, IMAGE, IM_END, PAD, SPECIALS, VIDEO, VISION_END, VISION_START
-from tests.adapters.qwen_builders import VOCAB, screens
+from tests.adapters.qwen_builders import (
+    CHAT_TEMPLATE,
+    IM_END,
+    IMAGE,
+    PAD,
+    SPECIALS,
+    VIDEO,
+    VISION_END,
+    VISION_START,
+    VOCAB,
+    screens,
+)
 
 __all__ = ["IMAGE", "VIDEO", "VISION_END", "VISION_START", "build_qwen3_processor", "build_tiny_qwen3", "image_batch",
            "video_batch"]
@@ -24,18 +34,19 @@ def build_tiny_qwen3(seed: int = 0, layers: int = 4, heads: int = 2, kv_heads: i
 
     torch.manual_seed(seed)
     quarter = head_dim // 8
-    text = dict(
-        vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True,
-                         "mrope_section": [2 * quarter, quarter, quarter]},
-        pad_token_id=PAD, bos_token_id=None, eos_token_id=IM_END,
-    )
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=heads * head_dim,
-                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                  deepstack_visual_indexes=list(deepstack))
-    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
-               vision_end_token_id=VISION_END)
+    text = {
+        "vocab_size": VOCAB, "hidden_size": heads * head_dim, "intermediate_size": 2 * heads * head_dim,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "max_position_embeddings": 2048,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True,
+                            "mrope_section": [2 * quarter, quarter, quarter]},
+        "pad_token_id": PAD, "bos_token_id": None, "eos_token_id": IM_END,
+    }
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+              "out_hidden_size": heads * head_dim, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "num_position_embeddings": 64, "deepstack_visual_indexes": list(deepstack)}
+    ids = {"image_token_id": IMAGE, "video_token_id": VIDEO, "vision_start_token_id": VISION_START,
+           "vision_end_token_id": VISION_END}
     config = Qwen3VLConfig(text_config=text, vision_config=vision, attn_implementation=attn, **ids)
     model = Qwen3VLForConditionalGeneration(config)
     with torch.no_grad():  # random DeepStack mergers of this size would drown the tokens: keep them visible but small
@@ -51,7 +62,12 @@ def build_qwen3_processor():
     """Offline Qwen3-VL processor: byte-level tokenizer, left padding, images resized to multiples of 8 px between
     8×8 and 96×96 merged-token grids; videos as frames with `<t seconds>` timestamps before each frame."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLImageProcessor,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
 
     vocab = {byte: i for i, byte in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -62,7 +78,7 @@ def build_qwen3_processor():
         tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>", padding_side="left",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
-    patches = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
+    patches = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
     images = Qwen2VLImageProcessor(size={"shortest_edge": 64, "longest_edge": 96 * 96}, **patches)
     videos = Qwen3VLVideoProcessor(size={"shortest_edge": 64, "longest_edge": 16 * 64 * 64}, do_sample_frames=False,
                                    **patches)
@@ -98,6 +114,6 @@ def video_batch(processor) -> dict[str, torch.Tensor]:
         f"<|im_start|>user\nthe clip: {CLIP}describe it<|im_end|>\n<|im_start|>assistant\n",
     ]
     videos = [clip(4, (48, 32), 0), clip(6, (32, 32), 1)]
-    metadata = [dict(fps=2.0, total_num_frames=len(v), frames_indices=list(range(len(v)))) for v in videos]
+    metadata = [{"fps": 2.0, "total_num_frames": len(v), "frames_indices": list(range(len(v)))} for v in videos]
     return dict(processor(images=[screens()[1]], videos=videos, video_metadata=metadata, text=texts,
                           return_tensors="pt", padding=True))

@@ -63,7 +63,9 @@ def case(request, model):
 
 
 def generate(model, batch, steps=STEPS):
-    out = model.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        **batch, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     return out.sequences, torch.stack(out.logits, dim=1)
 
 
@@ -92,6 +94,13 @@ def test_methods_without_their_signals_are_refused(model, name):
     with pytest.raises(vtprune.VTPruneError, match=message):
         vtprune.make(name, **options)(model)
     assert hooks_of(model) == hooks
+
+
+def test_beam_search_over_images_is_refused_clearly(model):
+    batch = image_batch(build_qwen3_processor())
+    session = vtprune.make("random", keep=1.0)
+    with pytest.raises(vtprune.VTPruneError, match="use num_beams=1"), torch.no_grad(), session(model):
+        model.generate(**batch, max_new_tokens=1, num_beams=2, do_sample=False)
 
 
 def test_layout_has_a_span_per_image_and_per_frame(model):
@@ -135,9 +144,10 @@ def kept_per_item(trace):
 
 def hand_positions(ids, items, kept, renumber):
     """Positions of one sample's real tokens by the documented rule. Text gets (c, c, c); item tokens (image or frame,
-    in prompt order) with patch p on a grid of `cols` columns get (c, c + p // cols, c + p % cols); after an item c moves
-    on by max(rows, cols) ("original": every token keeps its place) or by 1 + the largest kept offset ("renumber").
-    Returns [3, n] positions of every real token (dropped ones included), the kept token indices, the next position."""
+    in prompt order) with patch p on a grid of `cols` columns get (c, c + p // cols, c + p % cols); after an item c
+    moves on by max(rows, cols) ("original": every token keeps its place) or by 1 + the largest kept offset
+    ("renumber"). Returns [3, n] positions of every real token (dropped ones included), the kept token indices and
+    the next position."""
     rows, keep, cursor, i, item = [], [], 0, 0, 0
     while i < len(ids):
         if ids[i] not in (IMAGE, VIDEO):
@@ -207,8 +217,8 @@ def left_pad(rows, length):
 
 
 def reference_generate(model, batch, layout, kept, cut_layer, renumber, steps=STEPS):
-    """Greedy tokens [B, steps] and logits [B, steps, V] of the model with the visual tokens not in `kept` removed before decoder layer `cut_layer`
-    (0: before the language model), everything built by hand."""
+    """Greedy tokens [B, steps] and logits [B, steps, V] of the model with the visual tokens not in `kept` removed
+    before decoder layer `cut_layer` (0: before the language model), everything built by hand."""
     lm = model.model.language_model
     embeds, deepstack = dense_inputs(model, batch)
     ids, real = batch["input_ids"], batch["attention_mask"].bool()

@@ -37,7 +37,14 @@ from ..core.adapter import Adapter, register_adapter
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout, VisualSpan
 from ..core.signals import ModelInfo, PrefillKV, Transitions
-from .common import call_arguments, continues_cache, media_in_call, placeholder_mask, swap_class, token_runs
+from .common import (
+    call_arguments,
+    continues_cache,
+    media_in_call,
+    placeholder_mask,
+    swap_class,
+    token_runs,
+)
 from .decoder import LLM_SIGNALS
 from .qwen2_vl import MRopeCutter
 
@@ -45,6 +52,11 @@ if TYPE_CHECKING:
     from ..core.method import Method, SiteContext
     from ..core.trace import Trace
     from .decoder import Segment
+
+REPEATED = (
+    " (beam search and num_return_sequences > 1 repeat a prompt's encoded media, which the qwen3-vl adapter does not "
+    "support yet: use num_beams=1 and one return sequence)"
+)
 
 
 @dataclass
@@ -56,7 +68,7 @@ class DeepStack:
     mask: Tensor  # [B, L] bool: the visual tokens that receive features
 
     @classmethod
-    def from_call(cls, kwargs: dict, hidden: Tensor) -> "DeepStack | None":
+    def from_call(cls, kwargs: dict, hidden: Tensor) -> DeepStack | None:
         embeds, mask = kwargs.get("deepstack_visual_embeds"), kwargs.get("visual_pos_masks")
         if not embeds or mask is None:
             return None
@@ -93,7 +105,7 @@ class DeepStackCutter(MRopeCutter):
         self.deepstack = DeepStack.from_call(kwargs, embeds) if embeds is not None else None
         return super()._on_language_model(module, args, kwargs)
 
-    def _cut(self, ctx: "SiteContext", hidden: Tensor, segment: "Segment", start: int) -> tuple[Tensor, "Segment"]:
+    def _cut(self, ctx: SiteContext, hidden: Tensor, segment: Segment, start: int) -> tuple[Tensor, Segment]:
         stack = self.deepstack
         if stack is None or stack.features is None or start >= stack.levels:  # no injection left after this cut
             return super()._cut(ctx, hidden, segment, start)
@@ -148,7 +160,7 @@ class Qwen3VLAdapter(Adapter):
     def info(self) -> ModelInfo:
         return self._info
 
-    def attach(self, method: "Method", trace: "Trace") -> None:
+    def attach(self, method: Method, trace: Trace) -> None:
         overrides = {
             "get_image_features": self._recording("get_image_features", "image"),
             "get_video_features": self._recording("get_video_features", "video"),
@@ -190,7 +202,8 @@ class Qwen3VLAdapter(Adapter):
         original = type(self.language_model)._deepstack_process
         cutter = self.cutter
 
-        def _deepstack_process(lm: nn.Module, hidden: Tensor, visual_pos_masks: Tensor, visual_embeds: Tensor) -> Tensor:
+        def _deepstack_process(lm: nn.Module, hidden: Tensor, visual_pos_masks: Tensor, visual_embeds: Tensor
+                               ) -> Tensor:
             if cutter.adapter.active() and cutter.deepstack is not None:
                 return cutter.deepstack.inject(hidden, visual_embeds)
             return original(lm, hidden, visual_pos_masks, visual_embeds)
@@ -231,14 +244,18 @@ class Qwen3VLAdapter(Adapter):
                 while start < end:
                     if modality == "image":
                         if image >= len(images):
-                            raise VTPruneError(f"the prompt holds more image tokens than the {len(images)} images given")
-                        grid, span = images[image][1], dict(image=image)
+                            raise VTPruneError(
+                                f"the prompt holds more image tokens than the {len(images)} images given{REPEATED}"
+                            )
+                        grid, span = images[image][1], {"image": image}
                         image += 1
                     else:
                         if frame >= len(frames):
-                            raise VTPruneError(f"the prompt holds more video tokens than the {len(frames)} frames given")
+                            raise VTPruneError(
+                                f"the prompt holds more video tokens than the {len(frames)} frames given{REPEATED}"
+                            )
                         video, grid = frames[frame]
-                        span = dict(image=len(images) + frame, kind="frame", video=video)
+                        span = {"image": len(images) + frame, "kind": "frame", "video": video}
                         frame += 1
                     count = grid[0] * grid[1]
                     if start + count > end:
