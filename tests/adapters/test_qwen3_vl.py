@@ -96,11 +96,21 @@ def test_methods_without_their_signals_are_refused(model, name):
     assert hooks_of(model) == hooks
 
 
-def test_beam_search_over_images_is_refused_clearly(model):
-    batch = image_batch(build_qwen3_processor())
-    session = vtprune.make("random", keep=1.0)
-    with pytest.raises(vtprune.VTPruneError, match="use num_beams=1"), torch.no_grad(), session(model):
-        model.generate(**batch, max_new_tokens=1, num_beams=2, do_sample=False)
+def test_keep_all_beam_search_reproduces_dense(model, case):
+    """generate() encodes each sample's media once, then repeats the rows for the beams."""
+    batch = case[0]
+    options = {"max_new_tokens": 2, "num_beams": 2, "do_sample": False}
+    with torch.no_grad():
+        dense = model.generate(**batch, **options)
+        with vtprune.make("fastv", keep=1.0, layer=1)(model):
+            assert torch.equal(model.generate(**batch, **options), dense)
+
+
+def test_generate_without_cache_reruns_the_prompt_each_step(model, case):
+    batch, _, dense_sequences, _ = case
+    with torch.no_grad(), vtprune.make("random", keep=1.0)(model):
+        sequences = model.generate(**batch, max_new_tokens=STEPS, do_sample=False, use_cache=False)
+    assert torch.equal(sequences, dense_sequences)
 
 
 def test_layout_has_a_span_per_image_and_per_frame(model):

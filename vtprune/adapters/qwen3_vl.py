@@ -21,7 +21,8 @@ nothing: every injection happened on the full sequence.
 
 Sites: `pre_llm`, `llm_layer`, `kv_cache`, `llm_attention`. Signals: `QueryAttention`, `PrefillKV`, `Transitions` (the
 language model's). The vision tower has no [CLS] token and offers no attention signal here, so methods that need
-`ClsAttention` / `VisionAttention` are refused. Beam search over images (encoded once, then repeated) is refused.
+`ClsAttention` / `VisionAttention` are refused. Beam search and several return
+sequences (media encoded once, then repeated per row) are followed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ..core.signals import ModelInfo, PrefillKV, Transitions
 from .common import (
     call_arguments,
     continues_cache,
+    expanded_items,
     media_in_call,
     placeholder_mask,
     swap_class,
@@ -52,12 +54,6 @@ if TYPE_CHECKING:
     from ..core.method import Method, SiteContext
     from ..core.trace import Trace
     from .decoder import Segment
-
-REPEATED = (
-    " (beam search and num_return_sequences > 1 repeat a prompt's encoded media, which the qwen3-vl adapter does not "
-    "support yet: use num_beams=1 and one return sequence)"
-)
-
 
 @dataclass
 class DeepStack:
@@ -153,7 +149,7 @@ class Qwen3VLAdapter(Adapter):
         self.cutter = DeepStackCutter(self, self.language_model)
         self._masks: tuple[Tensor, Tensor] | None = None  # image / video placeholders of the current prefill
         self._grids: dict[str, Tensor | None] = {}  # grids of the current prefill
-        self._encoded: dict[str, Tensor] = {}  # grids generate() encoded before calling the model
+        self._encoded: dict[str, Tensor] = {}  # the last grids encoded per modality (generate() passes none)
         self._encoding = False  # inside a recorded encoder call
 
     @property
@@ -168,7 +164,6 @@ class Qwen3VLAdapter(Adapter):
         swap_class(self.inner, overrides, self)
         swap_class(self.language_model, {"_deepstack_process": self._injection()}, self)
         self.hook(self.inner, self._on_model)
-        self.hook(self.inner, self._after_model, pre=False)
         self.cutter.attach(method, trace, method.requests(self.info))
         self.on_detach(self._forget)
 
@@ -225,16 +220,13 @@ class Qwen3VLAdapter(Adapter):
             for m in ("image", "video")
         }
 
-    def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self._encoded = {}  # what generate() encoded served this call; the model's own calls record nothing useful
-
     def layout(self, is_image: Tensor, is_video: Tensor, image_grid: Tensor | None, video_grid: Tensor | None
                ) -> VisualLayout:
         """One span per image and per video frame, in prompt order (image grids in order, then every video's T
         frames in order)."""
-        images = self._items(image_grid, "image")
-        frames = [(v, grid) for v, (t, grid) in enumerate(self._items(video_grid, "video", frames=True))
-                  for _ in range(t)]
+        images = self._repeated(self._items(image_grid, "image"), is_image, "image")
+        videos = self._repeated(self._items(video_grid, "video", frames=True), is_video, "video")
+        frames = [(v, grid) for v, (t, grid) in enumerate(videos) for _ in range(t)]
         image, frame, spans = 0, 0, []
         for b in range(is_image.shape[0]):
             runs = sorted([(s, e, "image") for s, e in token_runs(is_image[b])]
@@ -245,14 +237,14 @@ class Qwen3VLAdapter(Adapter):
                     if modality == "image":
                         if image >= len(images):
                             raise VTPruneError(
-                                f"the prompt holds more image tokens than the {len(images)} images given{REPEATED}"
+                                f"the prompt holds more image tokens than the {len(images)} images given"
                             )
                         grid, span = images[image][1], {"image": image}
                         image += 1
                     else:
                         if frame >= len(frames):
                             raise VTPruneError(
-                                f"the prompt holds more video tokens than the {len(frames)} frames given{REPEATED}"
+                                f"the prompt holds more video tokens than the {len(frames)} frames given"
                             )
                         video, grid = frames[frame]
                         span = {"image": len(images) + frame, "kind": "frame", "video": video}
@@ -267,6 +259,13 @@ class Qwen3VLAdapter(Adapter):
                     start += count
             spans.append(sample)
         return VisualLayout(spans=spans, seq_len=is_image.shape[1])
+
+    @staticmethod
+    def _repeated(items: list[tuple[int, tuple[int, int]]], mask: Tensor, what: str) -> list:
+        """The items behind the prompt's rows when generate() repeated each sample (beam search, several return
+        sequences) after encoding its media once."""
+        index = expanded_items(mask.sum(1).tolist(), [t * h * w for t, (h, w) in items], what)
+        return items if index is None else [items[i] for i in index]
 
     def _items(self, grids: Tensor | None, what: str, frames: bool = False) -> list[tuple[int, tuple[int, int]]]:
         """(temporal patches, (rows, cols) of merged tokens) of each image or video."""
