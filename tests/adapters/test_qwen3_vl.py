@@ -226,11 +226,15 @@ def left_pad(rows, length):
     return out
 
 
-def reference_generate(model, batch, layout, kept, cut_layer, renumber, steps=STEPS):
+def reference_generate(model, batch, layout, kept, cut_layer, renumber, steps=STEPS, pooled=None,
+                       pool_deepstack=True):
     """Greedy tokens [B, steps] and logits [B, steps, V] of the model with the visual tokens not in `kept` removed
     before decoder layer `cut_layer` (0: before the language model), everything built by hand."""
     lm = model.model.language_model
     embeds, deepstack = dense_inputs(model, batch)
+    if pooled is not None:  # each kept token carries its cell's mean (input embeddings and DeepStack features alike)
+        embeds = pooled(layout, embeds)
+        deepstack = [pooled(layout, f) for f in deepstack] if pool_deepstack else deepstack
     ids, real = batch["input_ids"], batch["attention_mask"].bool()
     batch_size, n_layers = ids.shape[0], len(lm.layers)
     full, compact, nexts = [], [], []  # per sample: dense positions; (kept positions, kept indices); next position
@@ -313,3 +317,41 @@ def test_the_reference_is_the_dense_model_when_nothing_is_dropped(model, case):
             tokens, logits = reference_generate(model, batch, layout, kept, cut_layer, renumber=False)
             assert torch.equal(tokens, dense_sequences[:, -STEPS:])
             torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=0)
+
+
+def average_pooled(kept):
+    """x [B, L, D] with each image's / frame's grid average-pooled (torch's adaptive_avg_pool2d) to the cells whose
+    top-left patches are the kept ones, each cell's mean written at its top-left patch."""
+
+    def pool(layout, x):
+        x = x.clone()
+        for b, spans in enumerate(layout.spans):
+            for span in spans:
+                rows, cols = span.grid
+                top_left = torch.tensor(kept[span.image])
+                h, w = top_left.div(cols, rounding_mode="floor").unique().numel(), (top_left % cols).unique().numel()
+                grid = x[b, span.start : span.end].T.reshape(1, -1, rows, cols)
+                means = torch.nn.functional.adaptive_avg_pool2d(grid, (h, w)).reshape(x.shape[-1], h * w).T
+                x[b, span.start + top_left] = means
+        return x
+
+    return pool
+
+
+def test_generate_under_average_pooling_equals_the_hand_made_reference(model, case):
+    """A pre-LLM merge: every kept token and its DeepStack features are the means over its pooling cell."""
+    batch = case[0]
+    with torch.no_grad():
+        with vtprune.make("pool", keep=6)(model) as trace:
+            sequences, logits = generate(model, batch)
+        kept, layout = kept_per_item(trace)
+        assert trace.forwards[0].sites[0].merged  # the cut merged tokens
+        expected, expected_logits = reference_generate(
+            model, batch, layout, kept, 0, renumber=True, pooled=average_pooled(kept)
+        )
+        _, unpooled_deepstack = reference_generate(
+            model, batch, layout, kept, 0, renumber=True, pooled=average_pooled(kept), pool_deepstack=False
+        )
+    assert torch.equal(sequences[:, -STEPS:], expected)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
+    assert (unpooled_deepstack - expected_logits).abs().max() > 1e-3  # the DeepStack merge is what this checks
