@@ -26,11 +26,17 @@ __all__ = ["IMAGE", "VIDEO", "VISION_END", "VISION_START", "build_qwen3_processo
 
 
 def build_tiny_qwen3(seed: int = 0, layers: int = 4, heads: int = 2, kv_heads: int = 1, head_dim: int = 32,
-                     deepstack: tuple[int, ...] = (0, 1), attn: str = "sdpa") -> nn.Module:
+                     deepstack: tuple[int, ...] = (0, 1), attn: str = "sdpa", moe: bool = False) -> nn.Module:
     """Qwen3-VL in miniature: 2-block vision tower (4 px patches, 2×2 merge, learned 8×8 position grid) whose blocks
     `deepstack` feed DeepStack mergers (injected after decoder layers 0..len-1), a GQA language model with interleaved
-    M-RoPE (mrope_section sums to head_dim / 2), SDPA attention."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    M-RoPE (mrope_section sums to head_dim / 2), SDPA attention. `moe`: Qwen3-VL-MoE, every decoder MLP a sparse
+    mixture of 4 experts (2 per token)."""
+    from transformers import (
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     quarter = head_dim // 8
@@ -47,8 +53,13 @@ def build_tiny_qwen3(seed: int = 0, layers: int = 4, heads: int = 2, kv_heads: i
               "num_position_embeddings": 64, "deepstack_visual_indexes": list(deepstack)}
     ids = {"image_token_id": IMAGE, "video_token_id": VIDEO, "vision_start_token_id": VISION_START,
            "vision_end_token_id": VISION_END}
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, attn_implementation=attn, **ids)
-    model = Qwen3VLForConditionalGeneration(config)
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+        config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, attn_implementation=attn, **ids)
+        model = Qwen3VLMoeForConditionalGeneration(config)
+    else:
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, attn_implementation=attn, **ids)
+        model = Qwen3VLForConditionalGeneration(config)
     with torch.no_grad():  # random DeepStack mergers of this size would drown the tokens: keep them visible but small
         for merger in model.model.visual.deepstack_merger_list:
             merger.linear_fc2.weight.mul_(0.5)

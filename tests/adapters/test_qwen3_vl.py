@@ -355,3 +355,34 @@ def test_generate_under_average_pooling_equals_the_hand_made_reference(model, ca
     assert torch.equal(sequences[:, -STEPS:], expected)
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
     assert (unpooled_deepstack - expected_logits).abs().max() > 1e-3  # the DeepStack merge is what this checks
+
+
+# ------------------------------------------------------------------------------------------------ Qwen3-VL-MoE
+@pytest.fixture(scope="module")
+def moe_model():
+    return build_tiny_qwen3(moe=True)
+
+
+@pytest.mark.parametrize("method, options, cut_layer", [
+    ("random", {"keep": 1.0}, 0),
+    ("random", {"keep": 5, "seed": 3}, 0),
+    ("fastv", {"keep": 4, "layer": 1}, 1),
+])
+@pytest.mark.parametrize("media", ["images", "videos"])
+def test_moe_generate_equals_the_hand_made_reference(moe_model, media, method, options, cut_layer):
+    """Qwen3-VL-MoE (sparse expert MLPs) shares the adapter; keep-all is the dense model, a cut the reference."""
+    processor = build_qwen3_processor()
+    batch = image_batch(processor) if media == "images" else video_batch(processor)
+    with torch.no_grad():
+        dense, dense_logits = generate(moe_model, batch)
+        with vtprune.make(method, **options)(moe_model) as trace:
+            sequences, logits = generate(moe_model, batch)
+        kept, layout = kept_per_item(trace)
+        renumber = method != "fastv"
+        expected, expected_logits = reference_generate(moe_model, batch, layout, kept, cut_layer, renumber)
+    assert torch.equal(sequences[:, -STEPS:], expected)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
+    if options["keep"] == 1.0:
+        assert torch.equal(sequences, dense) and torch.equal(logits, dense_logits)
+    else:
+        assert (logits - dense_logits).abs().max() > 1e-3

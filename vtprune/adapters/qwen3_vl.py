@@ -1,4 +1,5 @@
-"""Adapter for transformers' Qwen3-VL (`Qwen3VLForConditionalGeneration`): images and videos.
+"""Adapter for transformers' Qwen3-VL (`Qwen3VLForConditionalGeneration`, and the MoE variant
+`Qwen3VLMoeForConditionalGeneration`, whose language model differs only in its MLPs): images and videos.
 
 Visual tokens: an image is a run of `<|image_pad|>` tokens between `<|vision_start|>` and `<|vision_end|>`, one token
 per merged patch, row-major on the grid (rows, cols) = grid_thw[1:] // spatial_merge_size. A video of T temporal
@@ -115,7 +116,8 @@ class DeepStackCutter(MRopeCutter):
 def _qwen3_classes() -> tuple[type, ...]:
     import transformers
 
-    return tuple(getattr(transformers, n) for n in ("Qwen3VLForConditionalGeneration",) if hasattr(transformers, n))
+    names = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+    return tuple(getattr(transformers, n) for n in names if hasattr(transformers, n))
 
 
 @register_adapter
