@@ -30,6 +30,7 @@ FAMILIES = {
     "llava_next": ["tests/models/llava_next/test_modeling_llava_next.py"],
     "llava_onevision": ["tests/models/llava_onevision/test_modeling_llava_onevision.py"],
     "qwen2_vl": ["tests/models/qwen2_vl/test_modeling_qwen2_vl.py"],
+    "qwen3_vl": ["tests/models/qwen3_vl/test_modeling_qwen3_vl.py"],
     "qwen2_5_vl": ["tests/models/qwen2_5_vl/test_modeling_qwen2_5_vl.py"],
 }
 
