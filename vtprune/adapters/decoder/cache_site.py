@@ -23,6 +23,7 @@ from ...core.signals import LayerKV, PrefillKV
 from ...core.trace import site_records
 from ..common import cache_argument, kwarg, swap_class
 from .cache import PrunedLayer, Segment
+from .evicting import EvictingSite
 from .qk import gather_rows, project, rotate
 
 if TYPE_CHECKING:
@@ -32,10 +33,13 @@ if TYPE_CHECKING:
 class CacheSite:
     """Compresses every decoder layer's cache right after its prefill attention, as the method plans."""
 
-    def __init__(self, cutter: "DecoderCutter", request: PrefillKV) -> None:
+    def __init__(self, cutter: DecoderCutter, request: PrefillKV) -> None:
         if request.queries < 1:
             raise VTPruneError(f"PrefillKV(queries={request.queries}): ask for at least one query row")
         self.cutter, self.request = cutter, request
+        if getattr(cutter.method, "evicts_while_decoding", False):  # a budget kept while decoding: evicting.py
+            self.evicting = EvictingSite(cutter)
+            return
         adapter = cutter.adapter
         for index, layer in enumerate(cutter.layers):
             attn = layer.self_attn
@@ -68,11 +72,11 @@ class CacheSite:
             state = self.cutter.prefill
             cache = cache_argument(kwargs)
             if state is None or cache is None:
-                return None  # only the prefill of a cached forward is compressed
+                return  # only the prefill of a cached forward is compressed
             hidden = kwarg(args, kwargs, "hidden_states", 0)
             with torch.no_grad():
                 self._compress(index, module, hidden, kwargs["position_embeddings"], cache)
-            return None
+            return
 
         return hook
 
