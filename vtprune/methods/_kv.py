@@ -56,10 +56,11 @@ def check_choice(method: str, option: str, value: str, allowed: tuple[str, ...])
 def cache_budget(method: str, keep: float, evict: str, prompt_len: int, visual: int, images: int) -> int:
     """Eligible entries kept per head and layer. evict="all": an int is entries, a ratio is floor(ratio · prompt
     length); evict="visual": an int is visual entries per image (times the images), a ratio is of the visual tokens."""
+    if isinstance(keep, int):  # a count may exceed the prompt: the cache grows up to it while decoding
+        return keep if evict == "all" else keep * images
     if evict == "all":
         return keep_count(keep, prompt_len, what=f"the {prompt_len}-token prompt", rounding="floor")
-    per_image = keep * images if isinstance(keep, int) else keep
-    return keep_count(per_image, visual, what=f"the {visual} visual tokens of the prompt", rounding="floor")
+    return keep_count(keep, visual, what=f"the {visual} visual tokens of the prompt", rounding="floor")
 
 
 def repeat_heads(keys: Tensor, heads: int) -> Tensor:

@@ -1,0 +1,211 @@
+"""The decode-time kv_cache site (vtprune/adapters/decoder/evicting.py) with StreamingLLM, Scissorhands, A2SF and EMS.
+
+The hand-made reference runs the model step by step outside any session with a plain DynamicCache: the post-RoPE
+queries and keys come from the model's own attention call (a recording attention function, not vtprune's q/k
+recomputation), the policy says what each layer/head keeps, the test gathers (and, for EMS, merges) the cache
+entries itself and feeds every token at an explicit position (StreamingLLM: its cache slot, keys re-rotated).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import AttentionInterface
+
+import vtprune
+from tests.adapters.qwen_builders import (
+    build_qwen_processor,
+    build_tiny_qwen,
+    two_screenshot_batch,
+)
+from tests.helpers import build_tiny_llava, padded_batch
+from vtprune.core import VTPruneError
+from vtprune.methods.streamingllm import rotate_keys
+
+RECORDS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def recording_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if getattr(module, "layer_idx", None) is not None and not getattr(module, "is_causal", True) is False:
+        RECORDS[module.layer_idx] = (query.detach(), key.detach())
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+AttentionInterface.register("test_recording", recording_attention)
+
+CASES = [
+    ("streamingllm", dict(keep=12, sinks=2)),  # key_positions="cache": slot positions, re-rotated keys
+    ("streamingllm", dict(keep=12, sinks=2, key_positions="original")),
+    ("scissorhands", dict(keep=12, recent=2, window=6)),
+    ("a2sf", dict(keep=12, recent=2, alpha=0.5)),
+    ("ems", dict(keep=12, recent=2, window=3, tau=0.0)),
+]
+
+
+def sample(batch: dict, b: int) -> dict:
+    """One sample of a padded LLaVA batch, padding removed."""
+    real = batch["attention_mask"][b].bool()
+    images = [0] if b == 0 else [1, 2]
+    return {
+        "input_ids": batch["input_ids"][b : b + 1, real],
+        "attention_mask": batch["attention_mask"][b : b + 1, real],
+        "pixel_values": batch["pixel_values"][images],
+    }
+
+
+def reference(model, inputs: dict, method, steps: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Greedy decoding of one unpadded sample with the cache evicted by hand. Returns the logits of every step and the
+    largest per-layer cache length seen after each forward."""
+    model.set_attn_implementation("test_recording")
+    try:
+        return _reference(model, inputs, method, steps)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def _reference(model, inputs, method, steps):
+    n = inputs["input_ids"].shape[1]
+    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    budget = method.cache_budget(n, visual, inputs["pixel_values"].shape[0])
+    slots = bool(getattr(method, "cache_positions", False))
+    inv_freq = model.model.language_model.rotary_emb.inv_freq
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(**inputs, past_key_values=cache, use_cache=True)
+    states, logits, lengths = {}, [out.logits[:, -1]], []
+    position = n
+    for step in range(steps):
+        for layer_idx, layer in enumerate(cache.layers):
+            query, key = RECORDS[layer_idx]
+            scaling = model.model.language_model.layers[layer_idx].self_attn.scaling
+            if step == 0:
+                states[layer_idx] = method.layer_state(key.shape[1], budget)
+                rows = method.prompt_rows(n)
+                update = method.prefill_update(
+                    states[layer_idx], query[0, :, n - rows :], key[0], scaling, torch.ones(n, dtype=torch.bool)
+                )
+            else:
+                update = method.step_update(states[layer_idx], query[0, :, -1], key[0], scaling)
+            keys, values = layer.keys[0].clone(), layer.values[0].clone()
+            for merge in update.merges:  # EMS: the centre becomes the weighted sum of its sources
+                keys[merge.head, merge.centre] = (merge.key_weights[:, None] * keys[merge.head, merge.sources]).sum(0)
+                values[merge.head, merge.centre] = (merge.value_weights[:, None] * values[merge.head, merge.sources]).sum(0)
+            kept = update.kept
+            keys = torch.stack([keys[h, kept[h]] for h in range(kept.shape[0])])
+            values = torch.stack([values[h, kept[h]] for h in range(kept.shape[0])])
+            if slots:
+                keys = rotate_keys(keys, torch.arange(kept.shape[1]) - kept, inv_freq)
+            layer.keys, layer.values = keys[None], values[None]
+        lengths.append(max(layer.keys.shape[2] for layer in cache.layers))
+        if slots:  # the paper's pos-shift: a token enters at its slot, the cache length
+            position = cache.layers[0].keys.shape[2]
+        token = logits[-1].argmax(-1, keepdim=True)
+        length = cache.layers[0].keys.shape[2]
+        with torch.no_grad():
+            out = model(
+                input_ids=token,
+                attention_mask=torch.ones(1, length + 1, dtype=torch.long),
+                position_ids=torch.tensor([[position]]),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        logits.append(out.logits[:, -1])
+        position += 1
+    return logits, lengths
+
+
+def generate(model, inputs: dict, method, steps: int):
+    with torch.no_grad(), method(model):
+        return model.generate(
+            **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return build_tiny_llava()
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "scissorhands", "a2sf", "ems"])
+def test_keep_all_and_a_budget_over_the_sequence_are_the_dense_model(llava, name):
+    batch = padded_batch()
+    with torch.no_grad():
+        dense = llava.generate(**batch, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    for keep in (1.0, 64):  # 64 entries hold the 37-token prompt and the 6 new tokens
+        options = dict(recent=2) if name != "streamingllm" else {}
+        out = generate(llava, batch, vtprune.make(name, keep=keep, **options), 6)
+        assert torch.equal(out.sequences, dense.sequences)
+        for got, want in zip(out.logits, dense.logits):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "options"), CASES, ids=lambda c: c if isinstance(c, str) else "-".join(map(str, c.values())))
+def test_generate_equals_the_hand_evicted_reference(llava, name, options):
+    inputs = sample(padded_batch(), 1)
+    steps = 10
+    want, lengths = reference(llava, inputs, vtprune.make(name, **options), steps)
+    assert max(lengths) <= options["keep"] and min(lengths) < inputs["input_ids"].shape[1]  # it did evict
+    out = generate(llava, inputs, vtprune.make(name, **options), steps)
+    for got, expected in zip(out.logits, want):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "options"), [CASES[0], CASES[2], CASES[4]], ids=["streamingllm", "scissorhands", "ems"])
+def test_left_padded_batch_equals_each_sample_alone(llava, name, options):
+    batch = padded_batch()
+    steps = 8
+    out = generate(llava, batch, vtprune.make(name, **options), steps)
+    for b in range(2):
+        want, _ = reference(llava, sample(batch, b), vtprune.make(name, **options), steps)
+        for got, expected in zip(out.logits, want):
+            torch.testing.assert_close(got[b : b + 1], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "scissorhands", "a2sf", "ems"])
+def test_the_cache_stays_within_32_entries_for_64_tokens(llava, name):
+    options = dict(recent=4) if name != "streamingllm" else {}
+    lengths: list[int] = []
+
+    def watch(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length():
+            lengths.append(max(int(layer.segment.mask2d.sum(1).max()) for layer in cache.layers))
+
+    handle = llava.model.language_model.register_forward_pre_hook(watch, with_kwargs=True)
+    try:
+        out = generate(llava, padded_batch(), vtprune.make(name, keep=32, **options), 64)
+    finally:
+        handle.remove()
+    assert out.sequences.shape[1] == padded_batch()["input_ids"].shape[1] + 64
+    assert len(lengths) == 63 and max(lengths) <= 32
+    assert out.past_key_values.get_seq_length() == padded_batch()["input_ids"].shape[1] + 63  # logical length
+
+
+def test_refusals(llava):
+    with pytest.raises(VTPruneError, match="assisted decoding"):
+        with torch.no_grad(), vtprune.make("a2sf", keep=12, recent=2)(llava):
+            llava.generate(**sample(padded_batch(), 0), max_new_tokens=3, do_sample=False, prompt_lookup_num_tokens=2)
+    with pytest.raises(VTPruneError, match="DynamicCache|fixed length"):
+        with torch.no_grad(), vtprune.make("scissorhands", keep=12, recent=2)(llava):
+            llava.generate(**padded_batch(), max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return build_tiny_qwen("qwen2-vl"), two_screenshot_batch(build_qwen_processor("qwen2-vl"))
+
+
+def test_qwen2_vl_keep_all_is_dense_and_a_budget_holds(qwen):
+    model, batch = qwen
+    with torch.no_grad():
+        dense = model.generate(**batch, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = generate(model, batch, vtprune.make("a2sf", keep=1.0), 5)
+    assert torch.equal(out.sequences, dense.sequences)
+    for got, want in zip(out.logits, dense.logits):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    out = generate(model, batch, vtprune.make("ems", keep=16, recent=2), 5)
+    assert max(int(layer.segment.mask2d.sum(1).max()) for layer in out.past_key_values.layers) <= 16
+    with pytest.raises(VTPruneError, match="key_positions='original'"):
+        generate(model, batch, vtprune.make("streamingllm", keep=16), 2)
