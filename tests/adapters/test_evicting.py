@@ -36,11 +36,11 @@ def recording_attention(module, query, key, value, attention_mask, scaling=None,
 AttentionInterface.register("test_recording", recording_attention)
 
 CASES = [
-    ("streamingllm", dict(keep=12, sinks=2)),  # key_positions="cache": slot positions, re-rotated keys
-    ("streamingllm", dict(keep=12, sinks=2, key_positions="original")),
-    ("scissorhands", dict(keep=12, recent=2, window=6)),
-    ("a2sf", dict(keep=12, recent=2, alpha=0.5)),
-    ("ems", dict(keep=12, recent=2, window=3, tau=0.0)),
+    ("streamingllm", {"keep": 12, "sinks": 2}),  # key_positions="cache": slot positions, re-rotated keys
+    ("streamingllm", {"keep": 12, "sinks": 2, "key_positions": "original"}),
+    ("scissorhands", {"keep": 12, "recent": 2, "window": 6}),
+    ("a2sf", {"keep": 12, "recent": 2, "alpha": 0.5}),
+    ("ems", {"keep": 12, "recent": 2, "window": 3, "tau": 0.0}),
 ]
 
 
@@ -134,7 +134,7 @@ def test_keep_all_and_a_budget_over_the_sequence_are_the_dense_model(llava, name
     with torch.no_grad():
         dense = llava.generate(**batch, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     for keep in (1.0, 64):  # 64 entries hold the 37-token prompt and the 6 new tokens
-        options = dict(recent=2) if name != "streamingllm" else {}
+        options = {"recent": 2} if name != "streamingllm" else {}
         out = generate(llava, batch, vtprune.make(name, keep=keep, **options), 6)
         assert torch.equal(out.sequences, dense.sequences)
         for got, want in zip(out.logits, dense.logits):
@@ -165,7 +165,7 @@ def test_left_padded_batch_equals_each_sample_alone(llava, name, options):
 
 @pytest.mark.parametrize("name", ["streamingllm", "scissorhands", "a2sf", "ems"])
 def test_the_cache_stays_within_32_entries_for_64_tokens(llava, name):
-    options = dict(recent=4) if name != "streamingllm" else {}
+    options = {"recent": 4} if name != "streamingllm" else {}
     lengths: list[int] = []
 
     def watch(module, args, kwargs):
@@ -184,12 +184,10 @@ def test_the_cache_stays_within_32_entries_for_64_tokens(llava, name):
 
 
 def test_refusals(llava):
-    with pytest.raises(VTPruneError, match="assisted decoding"):
-        with torch.no_grad(), vtprune.make("a2sf", keep=12, recent=2)(llava):
-            llava.generate(**sample(padded_batch(), 0), max_new_tokens=3, do_sample=False, prompt_lookup_num_tokens=2)
-    with pytest.raises(VTPruneError, match="DynamicCache|fixed length"):
-        with torch.no_grad(), vtprune.make("scissorhands", keep=12, recent=2)(llava):
-            llava.generate(**padded_batch(), max_new_tokens=2, do_sample=False, cache_implementation="static")
+    with pytest.raises(VTPruneError, match="assisted decoding"), torch.no_grad(), vtprune.make("a2sf", keep=12, recent=2)(llava):
+        llava.generate(**sample(padded_batch(), 0), max_new_tokens=3, do_sample=False, prompt_lookup_num_tokens=2)
+    with pytest.raises(VTPruneError, match="DynamicCache|fixed length"), torch.no_grad(), vtprune.make("scissorhands", keep=12, recent=2)(llava):
+        llava.generate(**padded_batch(), max_new_tokens=2, do_sample=False, cache_implementation="static")
 
 
 @pytest.fixture(scope="module")

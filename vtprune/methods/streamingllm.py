@@ -143,6 +143,10 @@ class StreamingLLM(KVPolicyMethod):
     def step_update(self, state: StreamingLLMLayer, query: Tensor, keys: Tensor, scale: float) -> KVUpdate:
         return KVUpdate(complement(keys.shape[1], state.step()))
 
+    def shift_keys(self, keys: Tensor, shift: Tensor, inv_freq: Tensor) -> Tensor:
+        """The site's re-rotation of surviving post-RoPE keys [..., L, d] by their slot shifts [..., L]."""
+        return rotate_keys(keys, shift, inv_freq)
+
     @property
     def cache_positions(self) -> bool:
         """Whether the site re-rotates survivors to their cache slot and feeds new tokens at slot positions."""

@@ -11,7 +11,7 @@ carries that padding mask (`mask2d`) and the tokens seen (`prompt_length`), so t
 long as the layer's physical cache, and `get_seq_length()` stays the logical length generate() slices inputs by.
 
 Positions: keys keep the positions they were written at and decoding continues at the caller's positions, except
-StreamingLLM with key_positions="cache" (the paper's pos-shift): after each eviction every survivor's key is re-rotated
+StreamingLLM with key_positions="cache" (the paper's pos-shift): after each eviction every survivor's key is re-rotated (`method.shift_keys`)
 to its slot in the cache and the segment's offset makes the next token's position its cache length.
 """
 
@@ -193,7 +193,7 @@ class EvictingSite:
         new_keys, new_values = keys.gather(1, index), values.gather(1, index)
         if self.cache_positions and kept.shape[1] < keys.shape[1]:  # survivors move to their slot
             shift = torch.arange(kept.shape[1], device=kept.device) - kept
-            new_keys = _rotate_keys(new_keys, shift, self.inv_freq)
+            new_keys = self.method.shift_keys(new_keys, shift, self.inv_freq)
         return new_keys, new_values
 
     @staticmethod
@@ -213,10 +213,3 @@ class EvictingSite:
         layer.segment.mask2d = mask
         layer.segment.prompt_length = layer.seen
 
-
-def _rotate_keys(keys: Tensor, shift: Tensor, inv_freq: Tensor) -> Tensor:
-    from ...methods.streamingllm import (
-        rotate_keys,  # adapters may use methods (layer order core <- methods <- adapters)
-    )
-
-    return rotate_keys(keys, shift, inv_freq)
