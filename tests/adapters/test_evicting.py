@@ -207,3 +207,18 @@ def test_qwen2_vl_keep_all_is_dense_and_a_budget_holds(qwen):
     assert max(int(layer.segment.mask2d.sum(1).max()) for layer in out.past_key_values.layers) <= 16
     with pytest.raises(VTPruneError, match="key_positions='original'"):
         generate(model, batch, vtprune.make("streamingllm", keep=16), 2)
+
+
+def test_beam_search_carries_the_policy_state_with_each_beam(llava):
+    batch = padded_batch()
+    with torch.no_grad():
+        dense = llava.generate(**batch, max_new_tokens=5, do_sample=False, num_beams=2)
+    with torch.no_grad(), vtprune.make("a2sf", keep=1.0)(llava):
+        assert torch.equal(llava.generate(**batch, max_new_tokens=5, do_sample=False, num_beams=2), dense)
+    with torch.no_grad(), vtprune.make("scissorhands", keep=12, recent=2)(llava):
+        out = llava.generate(
+            **batch, max_new_tokens=5, do_sample=False, num_beams=2, return_dict_in_generate=True
+        )
+    layers = out.past_key_values.layers
+    assert all(len(layer.states) == layer.keys.shape[0] == 4 for layer in layers)  # a policy state per beam
+    assert max(int(layer.segment.mask2d.sum(1).max()) for layer in layers) <= 12
