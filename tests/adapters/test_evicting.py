@@ -25,10 +25,11 @@ from vtprune.core import VTPruneError
 from vtprune.methods.streamingllm import rotate_keys
 
 RECORDS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+MERGES: list[int] = []  # EMS merges the reference applied
 
 
 def recording_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    if getattr(module, "layer_idx", None) is not None and not getattr(module, "is_causal", True) is False:
+    if getattr(module, "layer_idx", None) is not None:  # decoder layers (the CLIP tower's have none)
         RECORDS[module.layer_idx] = (query.detach(), key.detach())
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
@@ -41,6 +42,8 @@ CASES = [
     ("scissorhands", {"keep": 12, "recent": 2, "window": 6}),
     ("a2sf", {"keep": 12, "recent": 2, "alpha": 0.5}),
     ("ems", {"keep": 12, "recent": 2, "window": 3, "tau": 0.0}),
+    ("a2sf", {"keep": 5, "recent": 0, "evict": "visual"}),  # text never leaves; 5 visual entries per image
+    ("scissorhands", {"keep": 0.25, "evict": "visual", "window": 6}),
 ]
 
 
@@ -67,7 +70,9 @@ def reference(model, inputs: dict, method, steps: int) -> tuple[list[torch.Tenso
 
 def _reference(model, inputs, method, steps):
     n = inputs["input_ids"].shape[1]
-    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    is_visual = (inputs["input_ids"][0] == model.config.image_token_id)
+    visual = int(is_visual.sum())
+    eligible = is_visual if method.evict == "visual" else torch.ones(n, dtype=torch.bool)
     budget = method.cache_budget(n, visual, inputs["pixel_values"].shape[0])
     slots = bool(getattr(method, "cache_positions", False))
     inv_freq = model.model.language_model.rotary_emb.inv_freq
@@ -84,11 +89,12 @@ def _reference(model, inputs, method, steps):
                 states[layer_idx] = method.layer_state(key.shape[1], budget)
                 rows = method.prompt_rows(n)
                 update = method.prefill_update(
-                    states[layer_idx], query[0, :, n - rows :], key[0], scaling, torch.ones(n, dtype=torch.bool)
+                    states[layer_idx], query[0, :, n - rows :], key[0], scaling, eligible
                 )
             else:
                 update = method.step_update(states[layer_idx], query[0, :, -1], key[0], scaling)
             keys, values = layer.keys[0].clone(), layer.values[0].clone()
+            MERGES.append(len(update.merges))
             for merge in update.merges:  # EMS: the centre becomes the weighted sum of its sources
                 keys[merge.head, merge.centre] = (merge.key_weights[:, None] * keys[merge.head, merge.sources]).sum(0)
                 values[merge.head, merge.centre] = (merge.value_weights[:, None] * values[merge.head, merge.sources]).sum(0)
@@ -146,7 +152,14 @@ def test_generate_equals_the_hand_evicted_reference(llava, name, options):
     inputs = sample(padded_batch(), 1)
     steps = 10
     want, lengths = reference(llava, inputs, vtprune.make(name, **options), steps)
-    assert max(lengths) <= options["keep"] and min(lengths) < inputs["input_ids"].shape[1]  # it did evict
+    n = inputs["input_ids"].shape[1]
+    if name == "ems":
+        assert sum(MERGES[-steps * len(llava.model.language_model.layers) :]) > 0  # the site's merges are checked
+    if options.get("evict") == "visual":  # the text stays, the 32 visual tokens of two images shrink to the budget
+        budget = options["keep"] * 2 if isinstance(options["keep"], int) else int(options["keep"] * 32)
+        assert lengths == [n - 32 + budget + step for step in range(steps)]
+    else:
+        assert max(lengths) <= options["keep"] and min(lengths) < n  # it did evict
     out = generate(llava, inputs, vtprune.make(name, **options), steps)
     for got, expected in zip(out.logits, want):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
