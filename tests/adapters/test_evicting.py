@@ -18,6 +18,7 @@ import vtprune
 from tests.adapters.qwen_builders import (
     build_qwen_processor,
     build_tiny_qwen,
+    screens,
     two_screenshot_batch,
 )
 from tests.helpers import build_tiny_llava, padded_batch
@@ -235,3 +236,69 @@ def test_beam_search_carries_the_policy_state_with_each_beam(llava):
     layers = out.past_key_values.layers
     assert all(len(layer.states) == layer.keys.shape[0] == 4 for layer in layers)  # a policy state per beam
     assert max(int(layer.segment.mask2d.sum(1).max()) for layer in layers) <= 12
+
+
+def qwen_reference(model, inputs: dict, method, steps: int) -> list[torch.Tensor]:
+    """The hand-evicted reference on Qwen2-VL: the prefill as the model runs it, then every token fed with the M-RoPE
+    positions the dense model gives it (captured from a dense run: original positions) and a mask as long as the
+    hand-kept cache."""
+    positions: list[torch.Tensor] = []
+
+    def capture(module, args, kwargs):
+        positions.append(kwargs["position_ids"])
+
+    handle = model.model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=steps + 1, do_sample=False)
+    finally:
+        handle.remove()
+    n = inputs["input_ids"].shape[1]
+    budget = method.cache_budget(n, int((inputs["input_ids"] == model.config.image_token_id).sum()), 2)
+    model.set_attn_implementation("test_recording")
+    try:
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            out = model(**inputs, past_key_values=cache, use_cache=True)
+        states, logits = {}, [out.logits[:, -1]]
+        for step in range(steps):
+            for layer_idx, layer in enumerate(cache.layers):
+                query, key = RECORDS[layer_idx]
+                scaling = model.model.language_model.layers[layer_idx].self_attn.scaling
+                if step == 0:
+                    states[layer_idx] = method.layer_state(key.shape[1], budget)
+                    update = method.prefill_update(states[layer_idx], query[0], key[0], scaling, torch.ones(n, dtype=torch.bool))
+                else:
+                    update = method.step_update(states[layer_idx], query[0, :, -1], key[0], scaling)
+                kept = update.kept
+                layer.keys = torch.stack([layer.keys[0, h, kept[h]] for h in range(kept.shape[0])])[None]
+                layer.values = torch.stack([layer.values[0, h, kept[h]] for h in range(kept.shape[0])])[None]
+            token = logits[-1].argmax(-1, keepdim=True)
+            length = cache.layers[0].keys.shape[2]
+            with torch.no_grad():
+                out = model(
+                    input_ids=token,
+                    attention_mask=torch.ones(1, length + 1, dtype=torch.long),
+                    position_ids=positions[step + 1],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            logits.append(out.logits[:, -1])
+        return logits
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_qwen2_vl_generate_equals_the_hand_evicted_reference(qwen):
+    model, _ = qwen
+    processor = build_qwen_processor("qwen2-vl")
+    shot = "<|vision_start|><|image_pad|><|vision_end|>"
+    text = f"<|im_start|>user\n{shot}{shot}click ok<|im_end|>\n<|im_start|>assistant\n"
+    images = screens()
+    inputs = dict(processor(images=[images[0], images[1]], text=[text], return_tensors="pt"))
+    method = {"keep": 16, "recent": 2, "alpha": 0.5}
+    want = qwen_reference(model, inputs, vtprune.make("a2sf", **method), 6)
+    assert inputs["input_ids"].shape[1] > 16
+    out = generate(model, inputs, vtprune.make("a2sf", **method), 6)
+    for got, expected in zip(out.logits, want):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
