@@ -34,16 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..core import (
-    CACHE_ENTRIES,
-    KeepPlan,
-    Method,
-    ModelInfo,
-    PrefillKV,
-    SiteContext,
-    VTPruneError,
-    keep_count,
-)
+from ..core import CACHE_ENTRIES, KeepPlan, Method, ModelInfo, PrefillKV, SiteContext, VTPruneError, keep_count
 
 EVICT = ("all", "visual")
 
@@ -53,9 +44,10 @@ def check_choice(method: str, option: str, value: str, allowed: tuple[str, ...])
         raise VTPruneError(f"{method} {option}={value!r}: use one of {', '.join(map(repr, allowed))}")
 
 
-def cache_budget(method: str, keep: float, evict: str, prompt_len: int, visual: int, images: int) -> int:
+def cache_budget(method: str, keep: int | float, evict: str, prompt_len: int, visual: int, images: int) -> int:
     """Eligible entries kept per head and layer. evict="all": an int is entries, a ratio is floor(ratio · prompt
-    length); evict="visual": an int is visual entries per image (times the images), a ratio is of the visual tokens."""
+    length); evict="visual": an int is visual entries per image (times the images), a ratio is of the visual tokens.
+    A count may exceed what the prompt holds (nothing is evicted until the cache reaches it)."""
     if isinstance(keep, int):  # a count may exceed the prompt: the cache grows up to it while decoding
         return keep if evict == "all" else keep * images
     if evict == "all":

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 class CacheSite:
     """Compresses every decoder layer's cache right after its prefill attention, as the method plans."""
 
-    def __init__(self, cutter: DecoderCutter, request: PrefillKV) -> None:
+    def __init__(self, cutter: "DecoderCutter", request: PrefillKV) -> None:
         if request.queries < 1:
             raise VTPruneError(f"PrefillKV(queries={request.queries}): ask for at least one query row")
         self.cutter, self.request = cutter, request
@@ -72,11 +72,11 @@ class CacheSite:
             state = self.cutter.prefill
             cache = cache_argument(kwargs)
             if state is None or cache is None:
-                return  # only the prefill of a cached forward is compressed
+                return None  # only the prefill of a cached forward is compressed
             hidden = kwarg(args, kwargs, "hidden_states", 0)
             with torch.no_grad():
                 self._compress(index, module, hidden, kwargs["position_embeddings"], cache)
-            return
+            return None
 
         return hook
 
