@@ -28,6 +28,10 @@ KEEP_ALL = {
     "cdpruner": dict(keep=1.0),
     "pyramiddrop": dict(keep=1.0),
     "spatten": dict(keep=1.0, layers=(1, 2, 3)),
+    "streamingllm": dict(keep=1.0),  # decode-time KV policies: keep=1.0 never evicts (tests/adapters/test_evicting.py)
+    "scissorhands": dict(keep=1.0),
+    "a2sf": dict(keep=1.0),
+    "ems": dict(keep=1.0),
 }
 NOT_ON_LLAVA: set[str] = set()  # methods the LLaVA adapter refuses
 

@@ -44,6 +44,10 @@ NOT_ON_OPEN_CLIP = {
     "cdpruner": "needs the language model's input embeddings and the instruction",
     "pyramiddrop": "cuts between decoder layers; an open_clip tower has no language model",
     "spatten": "cuts between decoder layers; an open_clip tower has no language model",
+    "streamingllm": "keeps a language model's KV cache within a budget while decoding",
+    "scissorhands": "keeps a language model's KV cache within a budget while decoding",
+    "a2sf": "keeps a language model's KV cache within a budget while decoding",
+    "ems": "keeps a language model's KV cache within a budget while decoding",
 }
 
 

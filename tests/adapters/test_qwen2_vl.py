@@ -24,6 +24,10 @@ KEEP_ALL = [
     ("transprune", dict(keep=1.0, keep_ratios=(0.5,), prune_layers=(1,))),
     ("cdpruner", dict(keep=1.0)),
     ("pyramiddrop", dict(keep=1.0, layer_list=(1, 2))),  # the tiny model has 3 layers
+    ("streamingllm", dict(keep=1.0, key_positions="original")),  # slot positions are refused with M-RoPE
+    ("scissorhands", dict(keep=1.0)),
+    ("a2sf", dict(keep=1.0)),
+    ("ems", dict(keep=1.0)),
 ]
 NOT_ON_QWEN = {
     "vtc-cls": "the Qwen vision tower has no [CLS] token",

@@ -143,5 +143,4 @@ def test_options_and_budget():
         StreamingLLM(keep=0)
     with pytest.raises(vtprune.VTPruneError, match="must exceed the 4 sinks"):
         StreamingLLM().layer_state(cache_heads=2, budget=4)
-    with pytest.raises(vtprune.VTPruneError, match="more than the 40"):
-        StreamingLLM(keep=50).budget(prompt_len=40, visual=16, images=1)
+    assert StreamingLLM(keep=50).budget(prompt_len=40, visual=16, images=1) == 50  # the cache may grow to it

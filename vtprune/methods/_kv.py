@@ -28,12 +28,13 @@ tokens only, padding removed; "slots" index that sample's entries in cache order
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..core import VTPruneError, keep_count
+from ..core import CACHE_ENTRIES, KeepPlan, Method, ModelInfo, PrefillKV, SiteContext, VTPruneError, keep_count
 
 EVICT = ("all", "visual")
 
@@ -45,11 +46,13 @@ def check_choice(method: str, option: str, value: str, allowed: tuple[str, ...])
 
 def cache_budget(method: str, keep: int | float, evict: str, prompt_len: int, visual: int, images: int) -> int:
     """Eligible entries kept per head and layer. evict="all": an int is entries, a ratio is floor(ratio · prompt
-    length); evict="visual": an int is visual entries per image (times the images), a ratio is of the visual tokens."""
+    length); evict="visual": an int is visual entries per image (times the images), a ratio is of the visual tokens.
+    A count may exceed what the prompt holds (nothing is evicted until the cache reaches it)."""
+    if isinstance(keep, int):  # a count may exceed the prompt: the cache grows up to it while decoding
+        return keep if evict == "all" else keep * images
     if evict == "all":
         return keep_count(keep, prompt_len, what=f"the {prompt_len}-token prompt", rounding="floor")
-    per_image = keep * images if isinstance(keep, int) else keep
-    return keep_count(per_image, visual, what=f"the {visual} visual tokens of the prompt", rounding="floor")
+    return keep_count(keep, visual, what=f"the {visual} visual tokens of the prompt", rounding="floor")
 
 
 def repeat_heads(keys: Tensor, heads: int) -> Tensor:
@@ -149,3 +152,59 @@ def check_budget(method: str, budget: int, protected: int, what: str) -> None:
             f"{method}: a budget of {budget} cache entries must exceed the {protected} {what}; "
             f"raise keep or lower {what}"
         )
+
+
+@dataclass
+class KVUpdate:
+    """What the cache site does to one (sample, layer) cache after a policy call: write `merges` (EMS), then keep
+    `kept` [H_c, C] slots (ascending per head; slots index the cache as it stood when the policy was called)."""
+
+    kept: Tensor
+    merges: list = field(default_factory=list)
+
+
+class KVPolicyMethod(Method):
+    """A registered decode-time KV-cache policy: the cache site keeps `budget` entries per head and layer after the
+    prefill and after every decode step, asking the policy state (`layer_state`) which ones.
+
+    The site (vtprune/adapters/decoder/evicting.py) calls, per sample and layer: `cache_budget(n, visual, images)`
+    (None: keep everything), `layer_state(cache_heads, budget)`, `prompt_rows(n)`, `prefill_update(state, queries,
+    keys, scale, eligible)` and `step_update(state, query, keys, scale)`.
+    """
+
+    sites: ClassVar[tuple[str, ...]] = ("kv_cache",)
+    positions: ClassVar[str] = "original"
+    budget_kind = CACHE_ENTRIES
+    evicts_while_decoding: ClassVar[bool] = True  # the kv_cache site drives the policy at every step
+    keep: Any = None
+    evict: str = "all"
+
+    def requests(self, info: ModelInfo) -> list[PrefillKV]:
+        return [PrefillKV(queries=1)]
+
+    def plan(self, ctx: SiteContext) -> KeepPlan:
+        raise VTPruneError(
+            f"{self.name} keeps its cache budget while decoding: the kv_cache site drives its policy "
+            "(`prefill_update` / `step_update`), not `plan`"
+        )
+
+    def cache_budget(self, prompt_len: int, visual: int, images: int) -> int | None:
+        """Eligible entries kept per head and layer, or None for keep=1.0 (everything, every step: the dense model)."""
+        if isinstance(self.keep, float) and self.keep >= 1.0:
+            return None
+        return self.budget(prompt_len, visual, images)
+
+    def budget(self, prompt_len: int, visual: int, images: int) -> int:
+        return cache_budget(self.name, self.keep, self.evict, prompt_len, visual, images)
+
+    def prompt_rows(self, prompt_len: int) -> int:
+        return prompt_len
+
+    def prefill_update(self, state: Any, queries: Tensor, keys: Tensor, scale: float, eligible: Tensor) -> KVUpdate:
+        """queries [H, Q, d] the last Q = prompt_rows(n) prompt rows, keys [H_c, n, d] (post-RoPE), eligible [n]."""
+        return KVUpdate(state.prefill(queries, keys, scale, eligible))
+
+    def step_update(self, state: Any, query: Tensor, keys: Tensor, scale: float) -> KVUpdate:
+        """query [H, d] of the new token; keys [H_c, L, d] the cache with its key last -> the slots kept."""
+        length = keys.shape[1]
+        return KVUpdate(complement(length, state.step(decode_attention(query, keys, scale))))

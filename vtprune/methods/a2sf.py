@@ -24,10 +24,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..core import VTPruneError, check_keep
+from ..core import VTPruneError, register
 from ._kv import (
     EVICT,
     Entries,
+    KVPolicyMethod,
     cache_budget,
     check_budget,
     check_choice,
@@ -106,14 +107,12 @@ class A2SFLayer:
             self.scores = self.scores.gather(1, kept)
 
 
+@register
 @dataclass
-class A2SF:
-    """Options of A2SF at the kv_cache site (to be registered as a Method once the decode-time site drives
-    `layer_state`)."""
+class A2SF(KVPolicyMethod):
+    """A2SF at the kv_cache site, keeping its budget while decoding (see the module docstring)."""
 
     name: ClassVar[str] = "a2sf"
-    sites: ClassVar[tuple[str, ...]] = ("kv_cache",)
-    budget_kind: ClassVar[str] = "cache_entries"  # keep counts cache entries per head and layer, not visual tokens
 
     keep: int | float = 0.25  # B = hh + recent entries per head and layer (int) or a ratio of the prompt
     alpha: float = 0.2  # forgetting factor α in [0, 1] (official class default 0.2; 1 = H2O)
@@ -123,7 +122,7 @@ class A2SF:
     row_tolerance: float = 0.0  # prefill: leave out prompt rows whose weight α^(n−1−q) is below this (0: all rows)
 
     def __post_init__(self) -> None:
-        check_keep(self.keep)
+        super().__post_init__()
         check_choice(self.name, "evict", self.evict, EVICT)
         check_choice(self.name, "gqa_reduce", self.gqa_reduce, GQA_REDUCE)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:

@@ -26,10 +26,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..core import VTPruneError, check_keep
+from ..core import VTPruneError, register
 from ._kv import (
     EVICT,
     Entries,
+    KVPolicyMethod,
+    KVUpdate,
     cache_budget,
     check_budget,
     check_choice,
@@ -179,14 +181,12 @@ class EMSLayer:
         return merges
 
 
+@register
 @dataclass
-class EMS:
-    """Options of EMS at the kv_cache site (to be registered as a Method once the decode-time site drives
-    `layer_state`)."""
+class EMS(KVPolicyMethod):
+    """EMS at the kv_cache site, keeping its budget while decoding (see the module docstring)."""
 
     name: ClassVar[str] = "ems"
-    sites: ClassVar[tuple[str, ...]] = ("kv_cache",)
-    budget_kind: ClassVar[str] = "cache_entries"  # keep counts cache entries per head and layer, not visual tokens
 
     keep: int | float = 0.25  # B: entries per head and layer (int) or a ratio of the prompt (evict="visual": visual)
     recent: int = 8  # r: newest entries always kept (never centres or leavers)
@@ -195,7 +195,7 @@ class EMS:
     evict: str = "all"  # "all": every token is a candidate (paper); "visual": only visual tokens (our adaptation)
 
     def __post_init__(self) -> None:
-        check_keep(self.keep)
+        super().__post_init__()
         check_choice(self.name, "evict", self.evict, EVICT)
         for option, low in (("recent", 0), ("window", 1)):
             value = getattr(self, option)
@@ -209,3 +209,11 @@ class EMS:
 
     def layer_state(self, cache_heads: int, budget: int) -> EMSLayer:
         return EMSLayer(cache_heads, budget, self.recent, self.window, self.tau, self.evict)
+
+    def prefill_update(self, state: EMSLayer, queries: Tensor, keys: Tensor, scale: float, eligible: Tensor) -> KVUpdate:
+        kept, update = state.prefill(queries, keys, scale, eligible)
+        return KVUpdate(kept, update.merges)
+
+    def step_update(self, state: EMSLayer, query: Tensor, keys: Tensor, scale: float) -> KVUpdate:
+        update = state.step(query, keys, scale)
+        return KVUpdate(complement(keys.shape[1], update.evict), update.merges)

@@ -25,8 +25,18 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..core import VTPruneError, check_keep
-from ._kv import EVICT, Entries, cache_budget, check_choice, complement, prompt_attention, prompt_entries, reduce_heads
+from ..core import VTPruneError, register
+from ._kv import (
+    EVICT,
+    Entries,
+    KVPolicyMethod,
+    cache_budget,
+    check_choice,
+    complement,
+    prompt_attention,
+    prompt_entries,
+    reduce_heads,
+)
 
 GQA_REDUCE = ("mean", "any")
 
@@ -125,14 +135,12 @@ class ScissorhandsLayer:
         return evict
 
 
+@register
 @dataclass
-class Scissorhands:
-    """Options of Scissorhands at the kv_cache site (to be registered as a Method once the decode-time site drives
-    `layer_state`)."""
+class Scissorhands(KVPolicyMethod):
+    """Scissorhands at the kv_cache site, keeping its budget while decoding (see the module docstring)."""
 
     name: ClassVar[str] = "scissorhands"
-    sites: ClassVar[tuple[str, ...]] = ("kv_cache",)
-    budget_kind: ClassVar[str] = "cache_entries"  # keep counts cache entries per head and layer, not visual tokens
 
     keep: int | float = 0.25  # B: entries per head and layer (int) or a ratio of the prompt (evict="visual": visual)
     window: int = 400  # w: history steps (cold-compress quoting the paper; unverified)
@@ -142,7 +150,7 @@ class Scissorhands:
     gqa_reduce: str = "mean"  # grouped-query heads: "mean" (threshold the group mean) or "any" (low for every head)
 
     def __post_init__(self) -> None:
-        check_keep(self.keep)
+        super().__post_init__()
         check_choice(self.name, "evict", self.evict, EVICT)
         check_choice(self.name, "gqa_reduce", self.gqa_reduce, GQA_REDUCE)
         for option in ("window", "recent"):

@@ -23,8 +23,18 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..core import VTPruneError, check_keep
-from ._kv import EVICT, Entries, cache_budget, check_budget, check_choice, complement, prompt_entries
+from ..core import VTPruneError, register
+from ._kv import (
+    EVICT,
+    Entries,
+    KVPolicyMethod,
+    KVUpdate,
+    cache_budget,
+    check_budget,
+    check_choice,
+    complement,
+    prompt_entries,
+)
 
 KEY_POSITIONS = ("cache", "original")
 
@@ -98,14 +108,12 @@ class StreamingLLMLayer:
         return evict.clone()
 
 
+@register
 @dataclass
-class StreamingLLM:
-    """Options of StreamingLLM at the kv_cache site (to be registered as a Method once the decode-time site drives
-    `layer_state`)."""
+class StreamingLLM(KVPolicyMethod):
+    """StreamingLLM at the kv_cache site, keeping its budget while decoding (see the module docstring)."""
 
     name: ClassVar[str] = "streamingllm"
-    sites: ClassVar[tuple[str, ...]] = ("kv_cache",)
-    budget_kind: ClassVar[str] = "cache_entries"  # keep counts cache entries per head and layer, not visual tokens
 
     keep: int | float = 0.25  # B: entries per head and layer (int) or a ratio of the prompt (evict="visual": visual)
     sinks: int = 4  # S: the first tokens kept forever (the paper's 4 attention sinks)
@@ -113,7 +121,7 @@ class StreamingLLM:
     key_positions: str = "cache"  # "cache": keys/query at their cache slot (paper, 1-D RoPE); "original": no shift
 
     def __post_init__(self) -> None:
-        check_keep(self.keep)
+        super().__post_init__()
         check_choice(self.name, "evict", self.evict, EVICT)
         check_choice(self.name, "key_positions", self.key_positions, KEY_POSITIONS)
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
@@ -124,3 +132,22 @@ class StreamingLLM:
 
     def layer_state(self, cache_heads: int, budget: int) -> StreamingLLMLayer:
         return StreamingLLMLayer(cache_heads, budget, self.sinks, self.evict)
+
+    def prompt_rows(self, prompt_len: int) -> int:
+        return 0  # evicts by position alone
+
+    def prefill_update(self, state: StreamingLLMLayer, queries: Tensor, keys: Tensor, scale: float,
+                       eligible: Tensor) -> KVUpdate:
+        return KVUpdate(state.prefill(eligible))
+
+    def step_update(self, state: StreamingLLMLayer, query: Tensor, keys: Tensor, scale: float) -> KVUpdate:
+        return KVUpdate(complement(keys.shape[1], state.step()))
+
+    def shift_keys(self, keys: Tensor, shift: Tensor, inv_freq: Tensor) -> Tensor:
+        """The site's re-rotation of surviving post-RoPE keys [..., L, d] by their slot shifts [..., L]."""
+        return rotate_keys(keys, shift, inv_freq)
+
+    @property
+    def cache_positions(self) -> bool:
+        """Whether the site re-rotates survivors to their cache slot and feeds new tokens at slot positions."""
+        return self.key_positions == "cache" and self.evict == "all"

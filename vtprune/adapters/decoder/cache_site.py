@@ -23,6 +23,7 @@ from ...core.signals import LayerKV, PrefillKV
 from ...core.trace import site_records
 from ..common import cache_argument, kwarg, swap_class
 from .cache import PrunedLayer, Segment
+from .evicting import EvictingSite
 from .qk import gather_rows, project, rotate
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ class CacheSite:
         if request.queries < 1:
             raise VTPruneError(f"PrefillKV(queries={request.queries}): ask for at least one query row")
         self.cutter, self.request = cutter, request
+        if getattr(cutter.method, "evicts_while_decoding", False):  # a budget kept while decoding: evicting.py
+            self.evicting = EvictingSite(cutter)
+            return
         adapter = cutter.adapter
         for index, layer in enumerate(cutter.layers):
             attn = layer.self_attn

@@ -1,0 +1,215 @@
+"""The decode-time side of the kv_cache site: a cache that stays within a method's budget while decoding.
+
+Methods with `evicts_while_decoding` (StreamingLLM, Scissorhands, A2SF, EMS: `methods/_kv.py: KVPolicyMethod`) keep,
+per sample, decoder layer and cache head, at most `budget` eligible entries. A forward hook on each layer's attention
+module runs after the attention (which saw every entry of the cache, the new token's included) at the prefill and at
+every decode step. It recomputes the query rows the policy needs from the layer's own q projection and RoPE (no eager
+attention: the model keeps running with SDPA / FlashAttention), hands the policy each sample's real entries
+(post-RoPE keys, padding removed), writes the policy's merges (EMS) and keeps the slots it keeps. The layer's cache is
+then an `EvictingLayer`: each sample's entries right-aligned, left-padded to the longest sample; its own `Segment`
+carries that padding mask (`mask2d`) and the tokens seen (`prompt_length`), so the cutter gives the next call a mask as
+long as the layer's physical cache, and `get_seq_length()` stays the logical length generate() slices inputs by.
+
+Positions: keys keep the positions they were written at and decoding continues at the caller's positions, except
+StreamingLLM with key_positions="cache" (the paper's pos-shift): after each eviction every survivor's key is re-rotated (`method.shift_keys`)
+to its slot in the cache and the segment's offset makes the next token's position its cache length.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ...core.errors import VTPruneError
+from ..common import cache_argument
+from .cache import PrunedLayer, Segment
+from .qk import project, rotate
+
+if TYPE_CHECKING:
+    from .cutter import DecoderCutter
+
+
+class EvictingLayer(PrunedLayer):
+    """A cache layer kept within a policy's budget; `states[b]` is the policy state of sample b (None: keep all)."""
+
+    def __init__(self, segment: Segment, states: list[Any], seen: int) -> None:
+        super().__init__(segment, first=True)
+        self.states, self.seen = states, seen
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if key_states.shape[2] != 1:
+            raise VTPruneError(
+                f"a decode-time KV policy takes one new token per call, got {key_states.shape[2]}: decode token by "
+                "token (no assisted decoding, no multi-token continuation of its cache)"
+            )
+        self.seen += 1
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise VTPruneError("a decode-time KV policy evicts every step and cannot crop its cache (assisted decoding)")
+
+    def _select(self, index: Tensor) -> None:
+        rows = torch.as_tensor(index).reshape(-1).tolist()
+        self.states = [copy.deepcopy(self.states[i]) for i in rows]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._select(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._select(torch.arange(len(self.states)).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._select(indices)
+
+
+class EvictingSite:
+    """Drives a `KVPolicyMethod` at the prefill and at every decode step of every decoder layer."""
+
+    def __init__(self, cutter: DecoderCutter) -> None:
+        self.cutter, self.method = cutter, cutter.method
+        self.cache_positions = bool(getattr(self.method, "cache_positions", False))
+        self.inv_freq = None
+        if self.cache_positions:
+            rotary = getattr(cutter.lm, "rotary_emb", None)
+            config = cutter.lm.config
+            rope = getattr(config, "rope_parameters", None) or {}
+            if rotary is None or "mrope_section" in rope or rope.get("rope_type", "default") != "default":
+                raise VTPruneError(
+                    f"{self.method.name} key_positions='cache' re-rotates keys with plain 1-D RoPE; this language "
+                    "model uses another position scheme (M-RoPE or scaled RoPE): use key_positions='original'"
+                )
+            self.inv_freq = rotary.inv_freq
+        for index, layer in enumerate(cutter.layers):
+            cutter.adapter.hook(layer.self_attn, self._after_attention(index), pre=False)
+
+    def _after_attention(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            cache = cache_argument(kwargs)
+            if cache is None:
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rope = kwargs["position_embeddings"]
+            with torch.no_grad():
+                if self.cutter.prefill is not None:
+                    self._prefill(index, module, hidden, rope, cache)
+                elif self.cutter.continuation is not None and isinstance(cache.layers[index], EvictingLayer):
+                    self._step(index, module, hidden, rope, cache)
+            return
+
+        return hook
+
+    # ------------------------------------------------------------------------------------------------ prefill
+    def _prefill(self, index: int, attn: nn.Module, hidden: Tensor, rope: tuple, cache: Any) -> None:
+        state = self.cutter.prefill
+        segment = state.segment_at(index)
+        layer_cache = cache.layers[attn.layer_idx]
+        if not isinstance(layer_cache, PrunedLayer):
+            raise VTPruneError(
+                f"{self.method.name} keeps a budget in transformers' DynamicCache; layer {index} holds "
+                f"{type(layer_cache).__name__}: use the default cache (no static, sliding or quantised cache)"
+            )
+        if layer_cache.keys.shape[-2] != hidden.shape[1]:
+            raise VTPruneError(
+                f"{self.method.name} starts from an empty cache: prefill the whole prompt in one call"
+            )
+        if self.cache_positions and segment.positions is not None and segment.positions.dim() != 2:
+            raise VTPruneError(f"{self.method.name} key_positions='cache' needs 1-D positions: use 'original'")
+        mask = segment.mask2d.bool()
+        layout = state.layout
+        cos, sin = rope
+        states, kept_keys, kept_values, evicted = [], [], [], []
+        for b in range(mask.shape[0]):
+            real = mask[b].nonzero().squeeze(1)
+            n = real.numel()
+            visual = torch.zeros(mask.shape[1], dtype=torch.bool, device=mask.device)
+            visual[layout.visual_positions(b).to(mask.device)] = True
+            budget = self.method.cache_budget(n, int(visual.sum()), len({span.image for span in layout.spans[b] if span.length}))
+            keys, values = layer_cache.keys[b][:, real], layer_cache.values[b][:, real]
+            if budget is None:
+                states.append(None)
+                kept_keys.append(keys), kept_values.append(values), evicted.append(0)
+                continue
+            policy = self.method.layer_state(keys.shape[0], budget)
+            rows = real[n - self.method.prompt_rows(n) :]
+            queries = rotate(
+                attn, project(attn, attn.q_proj, hidden[b : b + 1, rows], "q_norm"), cos[b : b + 1, rows], sin[b : b + 1, rows]
+            )[0]  # [H, Q, d]
+            eligible = visual[real] if self.method.evict == "visual" else torch.ones(n, dtype=torch.bool)
+            update = self.method.prefill_update(policy, queries, keys, attn.scaling, eligible.to(keys.device))
+            keys, values = self._apply(update, keys, values)
+            states.append(policy)
+            kept_keys.append(keys), kept_values.append(values), evicted.append(n - keys.shape[1])
+        offset = segment.offset.clone()
+        if self.cache_positions:  # the next token's position: its cache length (caller position - offset)
+            offset = offset + torch.tensor(evicted, device=offset.device)
+        new = EvictingLayer(Segment(index, mask, None, offset, segment.prompt_length), states, hidden.shape[1])
+        self._store(new, kept_keys, kept_values, segment.mask2d.dtype, layer_cache)
+        cache.layers[attn.layer_idx] = new
+
+    # ------------------------------------------------------------------------------------------------ decoding
+    def _step(self, index: int, attn: nn.Module, hidden: Tensor, rope: tuple, cache: Any) -> None:
+        layer_cache: EvictingLayer = cache.layers[attn.layer_idx]
+        segment = layer_cache.segment
+        valid = torch.cat([segment.mask2d.bool(), torch.ones_like(segment.mask2d[:, :1], dtype=torch.bool)], dim=1)
+        cos, sin = rope
+        query = rotate(attn, project(attn, attn.q_proj, hidden, "q_norm"), cos, sin)[:, :, -1]  # [B, H, d]
+        kept_keys, kept_values, evicted = [], [], []
+        for b, policy in enumerate(layer_cache.states):
+            real = valid[b].nonzero().squeeze(1)
+            keys, values = layer_cache.keys[b][:, real], layer_cache.values[b][:, real]
+            if policy is not None:
+                length = keys.shape[1]
+                keys, values = self._apply(self.method.step_update(policy, query[b], keys, attn.scaling), keys, values)
+                evicted.append(length - keys.shape[1])
+            else:
+                evicted.append(0)
+            kept_keys.append(keys), kept_values.append(values)
+        if self.cache_positions:
+            segment.offset = segment.offset + torch.tensor(evicted, device=segment.offset.device)
+        self._store(layer_cache, kept_keys, kept_values, segment.mask2d.dtype, layer_cache)
+
+    # ------------------------------------------------------------------------------------------------ shared
+    def _apply(self, update: Any, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """One sample's keys/values [H_c, L, d] after the policy's merges and kept slots [H_c, C]."""
+        if update.merges:
+            keys, values = keys.clone(), values.clone()
+            for merge in update.merges:
+                sources = merge.sources.to(keys.device)
+                k = (merge.key_weights.to(keys.device)[:, None] * keys[merge.head, sources].float()).sum(0)
+                v = (merge.value_weights.to(keys.device)[:, None] * values[merge.head, sources].float()).sum(0)
+                keys[merge.head, merge.centre], values[merge.head, merge.centre] = k.to(keys.dtype), v.to(values.dtype)
+        kept = update.kept.to(keys.device)
+        index = kept[..., None].expand(-1, -1, keys.shape[-1])
+        new_keys, new_values = keys.gather(1, index), values.gather(1, index)
+        if self.cache_positions and kept.shape[1] < keys.shape[1]:  # survivors move to their slot
+            shift = torch.arange(kept.shape[1], device=kept.device) - kept
+            new_keys = self.method.shift_keys(new_keys, shift, self.inv_freq)
+        return new_keys, new_values
+
+    @staticmethod
+    def _store(layer: EvictingLayer, keys: list[Tensor], values: list[Tensor], dtype: torch.dtype, like: Any) -> None:
+        """Per sample [H_c, C_b, d] -> the layer's [B, H_c, C, d], right-aligned, and its segment's mask [B, C]."""
+        length = max(k.shape[1] for k in keys)
+        batch, heads, _, dim = like.keys.shape
+        out_k = like.keys.new_zeros(batch, heads, length, dim)
+        out_v = like.values.new_zeros(batch, heads, length, like.values.shape[-1])
+        mask = torch.zeros(batch, length, dtype=dtype, device=like.keys.device)
+        for b, (k, v) in enumerate(zip(keys, values)):
+            c = k.shape[1]
+            if c:
+                out_k[b, :, length - c :], out_v[b, :, length - c :] = k, v
+                mask[b, length - c :] = 1
+        layer.keys, layer.values = out_k, out_v
+        layer.segment.mask2d = mask
+        layer.segment.prompt_length = layer.seen
+
