@@ -8,7 +8,14 @@ import pytest
 import torch
 
 import vtprune
-from tests.helpers_video import IMAGE, VIDEO, build_tiny_llava_next, build_tiny_next_video, build_tiny_onevision, media_batch
+from tests.helpers_video import (
+    IMAGE,
+    VIDEO,
+    build_tiny_llava_next,
+    build_tiny_next_video,
+    build_tiny_onevision,
+    media_batch,
+)
 
 CASES = {  # model -> (builder, images per sample (height, width), frames of the videos per sample)
     "next": (build_tiny_llava_next, [[(32, 48)], [(60, 40), (64, 64)]], None),

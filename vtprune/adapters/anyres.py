@@ -63,7 +63,7 @@ class AnyresLayout:
     family: str
 
     @abstractmethod
-    def pack(self, features: list[Tensor], image_sizes: Tensor, encoded: "Encoded") -> list[Tensor]:
+    def pack(self, features: list[Tensor], image_sizes: Tensor, encoded: Encoded) -> list[Tensor]:
         """The model's own packing of per-view features [views, patches, C] into each image's token sequence."""
 
     @abstractmethod
