@@ -29,7 +29,7 @@ KEEP_ALL = {
     "gui-kv": dict(keep=1.0),
     "zipvl": dict(keep=1.0),
     # "visionzip": dict(keep=1.0),
-    # "vflowopt": dict(keep=1.0),
+    "vflowopt": dict(keep=1.0),
 }
 NEEDS_CLS = {"vtc-cls", "visionzip"}  # OneVision's SigLIP tower has no [CLS]
 MODES = {
@@ -76,7 +76,7 @@ def test_every_mode_at_keep_all_equals_dense(models, kind, mode):
             torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=0, msg=name)
             assert trace.forwards and all(before == after for before, after in trace.visual_tokens()), name
             checked.append(name)
-    assert len(checked) >= 4
+    assert len(checked) >= 5
 
 
 def packed_embeddings(model, batch):

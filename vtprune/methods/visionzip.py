@@ -173,6 +173,11 @@ class VisionZip(Method):
         dominance = ctx.signals[ClsAttention(layers=(layer,))][:, 0].float().sum(dim=1).cpu()  # [N, P] sum over heads
         keys = ctx.signals[VisionKeys(layer=layer)].cpu()  # [N, T, d]
         layout = ctx.layout
+        if any(span.view is not None for spans in layout.spans for span in spans):
+            raise VTPruneError(
+                "visionzip runs on single-grid images; anyres tiles and video frames need its merges to name an "
+                "encoder input (the LLaVA-NeXT family's per-view rule, `anyres_sequence`, is not wired yet)"
+            )
         keep, order, merges, scores = [], [], [], []
         for b in range(layout.batch_size):
             kept, ordered, sample_merges = [], [], []
