@@ -37,7 +37,13 @@ from ..core.signals import (
     VisionKeys,
 )
 from .anyres import AnyresLayout, Encoded
-from .common import call_arguments, continues_cache, media_in_call, placeholder_mask, swap_class
+from .common import (
+    call_arguments,
+    continues_cache,
+    media_in_call,
+    placeholder_mask,
+    swap_class,
+)
 from .decoder import LLM_SIGNALS, DecoderCutter
 from .vision import VisionSignals, encoder_layers, model_info
 
