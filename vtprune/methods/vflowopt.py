@@ -22,13 +22,12 @@ Budget: the average kept share over the L layers of an LLM cut before layers l1 
 LLaVA-1.5 and re-derives r_2 for its 9/9/14 split, so models with >= 28 layers use (9, 18); shallower ones scale them
 by depth (floor(l * L / 28 + 0.5), kept strictly increasing). The presets are the released LLaVA-OneVision-7B
 configurations with r_2 derived from each one's own achieved budget, which reproduces the released r_2 on 28 layers.
-The method runs on single-grid images (LLaVA-1.5). The anyres and video rules of the official code (spec §4.1, §4.4)
-are here as pure functions, checked against the official code's outputs, for the LLaVA-NeXT / OneVision adapters to
-wire: `anyres_importance` (base map, then the tiles' maps as one mosaic, unpadded, resized like OneVision's features
-when `max_tiles` is set, with a row-end column of importance 1), `anyres_cells` + `stage_v` (one budget per image
-over base and tiles, cells that never mix base and tiles and count the row-end column in the tiles' width), and
-`pool_frame_maps` + `video_importance` + `video_keep` (each frame's map pooled like its features, then the top share
-over all frames of the video, no recycling).
+Single-grid images (LLaVA-1.5) use the rules above. On the LLaVA-NeXT family (per-encoder-input attention;
+spec §4.1, §4.4) a unit is an anyres image (base view and tiles: the map `anyres_importance` lays out, read per token through the
+layout's view / view_patch, one `stage_v` over both with `anyres_cells`) or a video (each frame's map resized to the
+pooled grid, `video_keep` over all frames, no recycling); a single view of a multi-image prompt keeps its top patches
+without recycling. The LLM stages drop per unit. Checked against the official code's outputs (pure functions) and
+through the adapters (tests/methods/test_vflowopt_next.py).
 """
 
 from __future__ import annotations
