@@ -22,16 +22,15 @@ CASES = {  # model -> (builder, images per sample (height, width), frames of the
     "onevision": (build_tiny_onevision, [[(40, 70)], []], [[], [2]]),
     "next_video": (build_tiny_next_video, [[(32, 48)], []], [[2], [2]]),
 }
-KEEP_ALL = {
+KEEP_ALL = {  # visionzip is refused on this family (test_llava_next.py), so it is not here
     "random": dict(keep=1.0),
     "fastv": dict(keep=1.0, layer=1),
     "vtc-cls": dict(keep=1.0, start_layer=0),
     "gui-kv": dict(keep=1.0),
     "zipvl": dict(keep=1.0),
-    # "visionzip": dict(keep=1.0),
     "vflowopt": dict(keep=1.0),
 }
-NEEDS_CLS = {"vtc-cls", "visionzip"}  # OneVision's SigLIP tower has no [CLS]
+NEEDS_CLS = {"vtc-cls"}  # OneVision's SigLIP tower has no [CLS]
 MODES = {
     "greedy": dict(do_sample=False),
     "sample": dict(do_sample=True, top_k=0),
@@ -116,3 +115,34 @@ def test_beam_search_at_a_real_budget_equals_the_hand_compacted_reference(models
             x[b, length - s.shape[0] :], mask[b, length - s.shape[0] :] = s, 1
         reference = model.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=steps, num_beams=beams)
     assert torch.equal(pruned, reference[:, -steps:])
+
+
+def sample_alone(batch, images, videos, b):
+    """Sample b of a media_batch as a batch of its own (its images and videos, its padding removed)."""
+    real = batch["attention_mask"][b].bool()
+    out = {"input_ids": batch["input_ids"][b : b + 1, real], "attention_mask": batch["attention_mask"][b : b + 1, real]}
+    first = sum(len(s) for s in images[:b])
+    if images[b]:
+        out["pixel_values"] = batch["pixel_values"][first : first + len(images[b])]
+        out["image_sizes"] = batch["image_sizes"][first : first + len(images[b])]
+        if "batch_num_images" in batch:
+            out["batch_num_images"] = batch["batch_num_images"][b : b + 1]
+    if videos and videos[b]:
+        first = sum(len(s) for s in videos[:b])
+        out["pixel_values_videos"] = batch["pixel_values_videos"][first : first + len(videos[b])]
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_vflowopt_batched_generate_equals_each_sample_alone(models, kind):
+    """A real budget (stage V with recycling, both LLM stages), greedy and beam search: the left-padded batch of 2
+    decodes what each sample decodes alone."""
+    model, (images, videos) = models[kind]
+    batch = media_batch(model, images, videos)
+    method = vtprune.make("vflowopt", vit_keep=0.5, llm_keep1=0.8, llm_keep2=0.5, cell=2.0, threshold=1.0)
+    for mode in ("greedy", "beam"):
+        with torch.no_grad(), method(model) as trace:
+            together = run(model, batch, mode)[0][:, -3:]
+            alone = [run(model, sample_alone(batch, images, videos, b), mode)[0][:, -3:] for b in range(2)]
+        assert torch.equal(together, torch.cat(alone)), mode
+        assert all(after < before for before, after in trace.visual_tokens(0)), mode
