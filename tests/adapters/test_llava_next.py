@@ -13,7 +13,6 @@ from tests.helpers_video import build_tiny_llava_next, build_tiny_next_video, bu
 
 BUILDERS = {"next": build_tiny_llava_next, "onevision": build_tiny_onevision, "next_video": build_tiny_next_video}
 NOT_ON_ANYRES = {  # methods these adapters refuse, and why
-    "vflowopt": "maps encoder attention to tokens by image index: no tiles, no pooled frames yet",
     "visionzip": "merges encoder tokens by image index: no tiles, no pooled frames yet",
     "vispruner": "needs ProjectorInput (pre-projector features), which these adapters do not offer yet",
 }
@@ -22,6 +21,7 @@ KEEP_EVERY_TOKEN = {
     **{k: v for k, v in KEEP_ALL.items() if k not in NOT_ON_ANYRES},
     "pool": dict(keep=1.0),
     "scope": dict(keep=1.0, features="projected"),  # its official features (ProjectorInput) are LLaVA-1.5 only
+    "vflowopt": dict(keep=1.0),
 }
 NEEDS_CLS = {"vtc-cls", "scope", "holov"}  # refused on towers without [CLS] (OneVision's SigLIP)
 CASES = {  # name -> (model, images per sample (height, width), frames of the videos per sample)
@@ -214,3 +214,14 @@ def test_detach_removes_the_encoder_wrappers(models):
         assert type(model.model) is not original and "get_video_features" in vars(type(model.model))
     assert type(model.model) is original
     assert "get_video_features" not in vars(model.model) and "get_image_features" not in vars(model.model)
+
+
+def test_visionzip_without_encoder_merges_is_refused_on_anyres_layouts(models):
+    """merge_space="projected" needs no ProjectorInput, so the adapter accepts it; the plan refuses tiles it cannot
+    place rather than reading encoder inputs by image number."""
+    model = models["next"]
+    batch = media_batch(model, [[(32, 48)], [(64, 64)]])
+    method = vtprune.make("visionzip", keep=4, contextual=1, cls_token=False, merge_space="projected")
+    with pytest.raises(vtprune.VTPruneError, match="visionzip runs on single-grid images"):
+        with torch.no_grad(), method(model):
+            model(**batch)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout, VisualSpan
+from .common import expanded_items
 
 
 @dataclass
@@ -45,7 +46,6 @@ class SpanTemplate:
     patch_index: Tensor
     view: Tensor
     view_patch: Tensor
-    video: int | None = None
 
     @property
     def length(self) -> int:
@@ -63,7 +63,7 @@ class AnyresLayout:
     family: str
 
     @abstractmethod
-    def pack(self, features: list[Tensor], image_sizes: Tensor, encoded: "Encoded") -> list[Tensor]:
+    def pack(self, features: list[Tensor], image_sizes: Tensor, encoded: Encoded) -> list[Tensor]:
         """The model's own packing of per-view features [views, patches, C] into each image's token sequence."""
 
     @abstractmethod
@@ -72,68 +72,81 @@ class AnyresLayout:
 
     def layout(self, is_image: Tensor, is_video: Tensor | None, encoded: list[Encoded]) -> VisualLayout:
         """Spans of every image and video frame of the prompt, from where its placeholder tokens sit ([B, L] bool) and
-        what the encoder was given."""
+        what the encoder was given. When generate() encoded the media once and repeated every sample (beam search,
+        num_return_sequences), the repeated rows reuse the encoded items (same encoder inputs, new image numbers)."""
         images = [e for e in encoded if e.modality == "image"]
         videos = [e for e in encoded if e.modality == "video"]
-        image_templates, view = [], 0
+        image_items, view = [], 0
         for call in images:
-            for templates in self.image_templates(call, view):
-                image_templates.append(templates)
+            image_items += self.image_templates(call, view)
             view += sum(call.views)
-        n_images = len(image_templates)
-        video_templates, frame = [], 0
+        video_items = []
         for call in videos:
             for frames in call.views:
-                video_templates.append(self.video_templates(len(video_templates), frames, view, n_images + frame))
+                video_items.append(self.video_templates(frames, view))
                 view += frames
-                frame += frames
-        spans: list[list[VisualSpan]] = [[] for _ in range(is_image.shape[0])]
-        self._place(spans, is_image, image_templates, first_image=0, what="image")
+        image_items = self._expanded(is_image, image_items, "image")
         if is_video is not None:
-            self._place(spans, is_video, video_templates, first_image=None, what="video")
-        elif video_templates:
+            video_items = self._expanded(is_video, video_items, "video")
+        elif video_items:
             raise VTPruneError(f"{self.family} has no video token")
+        spans: list[list[VisualSpan]] = [[] for _ in range(is_image.shape[0])]
+        self._place(spans, is_image, image_items, first_image=0, what="image")
+        if is_video is not None:
+            self._place(spans, is_video, video_items, first_image=len(image_items), what="video")
         for sample in spans:
             sample.sort(key=lambda s: s.start)
         self._views = view
         return VisualLayout(spans=spans, seq_len=is_image.shape[1])
 
     @staticmethod
+    def _expanded(is_token: Tensor, items: list[list[SpanTemplate]], what: str) -> list[list[SpanTemplate]]:
+        """The items in prompt order, repeated as generate() repeated the samples (see `common.expanded_items`)."""
+        index = expanded_items(
+            [int(n) for n in is_token.sum(dim=1)], [sum(t.length for t in item) for item in items], what
+        )
+        return items if index is None else [items[i] for i in index]
+
+    @staticmethod
     def _place(
-        spans: list[list[VisualSpan]], is_token: Tensor, items: list[list], first_image: int | None, what: str
+        spans: list[list[VisualSpan]], is_token: Tensor, items: list[list[SpanTemplate]], first_image: int, what: str
     ) -> None:
-        """Give every item's spans their place: items take the placeholder tokens in order (row-major over samples)."""
+        """Give every item's spans their place: items take the placeholder tokens in order (row-major over samples).
+        Images are numbered from `first_image` in prompt order (an image's views share its number); video items
+        number each frame, and are videos 0, 1, ... in prompt order."""
         positions = is_token.cpu().nonzero()  # [N, 2] (sample, position), row-major
-        needed = sum(t.length for templates in items for _, t in templates)
+        needed = sum(t.length for item in items for t in item)
         if needed != positions.shape[0]:
             raise VTPruneError(
                 f"the prompt holds {positions.shape[0]} {what} tokens but the encoded {what}s need {needed}; "
-                f"run the model (or generate) inside the `with` block, without num_return_sequences > 1"
+                f"run the model (or generate) inside the `with` block"
             )
-        offset = 0
+        offset, image = 0, first_image
         for index, templates in enumerate(items):
-            total = sum(t.length for _, t in templates)
+            total = sum(t.length for t in templates)
             chunk = positions[offset : offset + total]
             sample, start = int(chunk[0, 0]), int(chunk[0, 1])
             if not (bool((chunk[:, 0] == sample).all()) and int(chunk[-1, 1]) - start == total - 1):
                 raise VTPruneError(f"the tokens of {what} {index} are not one contiguous run in one sample")
-            for image, template in templates:
+            for template in templates:
                 spans[sample].append(
                     VisualSpan(
-                        image=image if first_image is None else first_image + index,
+                        image=image,
                         start=start,
                         patch_index=template.patch_index,
                         grid=template.grid,
                         kind=template.kind,
                         view=template.view,
                         view_patch=template.view_patch,
-                        video=template.video,
+                        video=index if what == "video" else None,
                     )
                 )
                 start += template.length
+                image += what == "video"  # every frame is an image; an anyres image's base and tiles are one
+            image += what == "image"
             offset += total
 
-    def image_templates(self, call: Encoded, first_view: int) -> list[list[tuple[int | None, SpanTemplate]]]:
+    def image_templates(self, call: Encoded, first_view: int) -> list[list[SpanTemplate]]:
         """Per image of one encoder call: its spans, found by packing patch coordinates like features."""
         side, patches = self.side, self.side * self.side
         rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
@@ -159,7 +172,7 @@ class AnyresLayout:
             if views == 1:  # base view and one newline
                 index = torch.cat([base, torch.tensor([-1])])
                 view_of = torch.where(index >= 0, view, -1)
-                out.append([(None, SpanTemplate("image", (side, side), index, view_of, index.clone()))])
+                out.append([SpanTemplate("image", (side, side), index, view_of, index.clone())])
             else:
                 mosaic = tokens[patches:]
                 newline = mosaic[:, 0] < -0.5
@@ -171,11 +184,11 @@ class AnyresLayout:
                 patch_index = torch.full((mosaic.shape[0],), -1, dtype=torch.long)
                 patch_index[~newline] = torch.arange(height * width)
                 out.append([
-                    (None, SpanTemplate("base", (side, side), base, torch.full((patches,), view), base.clone())),
-                    (None, SpanTemplate(
+                    SpanTemplate("base", (side, side), base, torch.full((patches,), view), base.clone()),
+                    SpanTemplate(
                         "tiles", (height, width), patch_index,
                         torch.where(newline, -1, tile_view), torch.where(newline, -1, (r % side) * side + c % side),
-                    )),
+                    ),
                 ])
             view += views
         return out
@@ -185,9 +198,7 @@ class AnyresLayout:
         side = math.isqrt(pooled)
         return side, pooled // side
 
-    def video_templates(
-        self, video: int, frames: int, first_view: int, first_image: int
-    ) -> list[tuple[int, SpanTemplate]]:
+    def video_templates(self, frames: int, first_view: int) -> list[SpanTemplate]:
         """One span per frame on the pooled grid; with `video_newline`, the last frame's span ends with the newline."""
         grid = self.pooled_grid()
         index = torch.arange(grid[0] * grid[1])
@@ -197,6 +208,5 @@ class AnyresLayout:
             if self.video_newline and frame == frames - 1:
                 patch_index = torch.cat([index, torch.tensor([-1])])
             view = torch.where(patch_index >= 0, first_view + frame, -1)
-            template = SpanTemplate("frame", grid, patch_index, view, patch_index.clone(), video)
-            out.append((first_image + frame, template))
+            out.append(SpanTemplate("frame", grid, patch_index, view, patch_index.clone()))
         return out

@@ -7,9 +7,11 @@ generate() calls before the prefill; they are overridden through a class swap (`
 Budgets: per image by default (base view and tiles share it); see `vtprune.core.scope` for "tile" and "video".
 Sites: `pre_llm`, `llm_layer`, `kv_cache`, `llm_attention`. Signals: `ClsAttention` (per encoder input; frames' rows
 pooled like their features, see `per_patch_signals`; patch axis padded to the largest input), `QueryAttention`,
-`PixelValues` (the encoder's inputs, in encoder order), `PrefillKV`, `Transitions`. Not offered: the encoder's full
-attention / keys / projector input (`VisionAttention`, `VisionKeys`, `ProjectorInput`), whose methods (vflowopt,
-visionzip) index images by `span.image` and know no tiles or frames yet.
+`PixelValues` (the encoder's inputs, in encoder order), `VisionAttention` and `VisionKeys` (per encoder input, in
+encoder order, unpooled: a method maps them to tokens through `span.view` / `span.view_patch`), `PrefillKV`,
+`Transitions`. Not offered: `ProjectorInput`: encoder-space merges (`Merge(space="encoder")`) are resolved by
+`span.image`, which on anyres layouts names an image of several encoder inputs, so VisionZip's and VisPruner's
+pre-projector merges cannot name a tile yet.
 """
 
 from __future__ import annotations
@@ -24,11 +26,26 @@ from torch import Tensor, nn
 from ..core.adapter import Adapter, register_adapter
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout
-from ..core.signals import ClsAttention, ModelInfo, PixelValues, PrefillKV, Transitions
+from ..core.signals import (
+    ClsAttention,
+    ModelInfo,
+    PixelValues,
+    PrefillKV,
+    ProjectorInput,
+    Transitions,
+    VisionAttention,
+    VisionKeys,
+)
 from .anyres import AnyresLayout, Encoded
-from .common import call_arguments, continues_cache, media_in_call, placeholder_mask, swap_class
+from .common import (
+    call_arguments,
+    continues_cache,
+    media_in_call,
+    placeholder_mask,
+    swap_class,
+)
 from .decoder import LLM_SIGNALS, DecoderCutter
-from .vision import VisionSignals, model_info
+from .vision import VisionSignals, encoder_layers, model_info
 
 if TYPE_CHECKING:
     from ..core.method import Method
@@ -38,8 +55,10 @@ if TYPE_CHECKING:
 class EncoderSignals(VisionSignals):
     """Vision signals over the several encoder calls of one encoding round (images, then videos)."""
 
-    def __init__(self, adapter: Adapter, vision_tower: nn.Module, requests: list[Any]) -> None:
-        super().__init__(adapter, vision_tower, requests)
+    def __init__(
+        self, adapter: Adapter, vision_tower: nn.Module, requests: list[Any], feature_layers: list[int]
+    ) -> None:
+        super().__init__(adapter, vision_tower, requests, feature_layers)
         self.calls: list[tuple[str, dict]] = []
         self.modality = "image"
 
@@ -58,7 +77,10 @@ def tower_has_cls(vision_tower: nn.Module) -> bool:
 class LlavaNextAdapter(AnyresLayout, Adapter):
     family = "llava_next"
     sites = frozenset({"pre_llm", "llm_layer", "kv_cache", "llm_attention"})
-    signals = frozenset({ClsAttention, PixelValues, PrefillKV, Transitions}) | LLM_SIGNALS
+    signals = (
+        frozenset({ClsAttention, PixelValues, PrefillKV, Transitions, VisionAttention, VisionKeys})
+        | LLM_SIGNALS
+    )
     model_class = "LlavaNextForConditionalGeneration"
     video_newline = False  # whether the model appends one newline token to every video
     # signals with one value per patch [inputs, ..., patches]: for frames they are pooled like the frames' features
@@ -81,6 +103,12 @@ class LlavaNextAdapter(AnyresLayout, Adapter):
         self.video_token_id = getattr(config, "video_token_id", None)
         self.side = config.vision_config.image_size // config.vision_config.patch_size
         has_cls = tower_has_cls(self.vision_tower)
+        feature_layer = config.vision_feature_layer
+        n_vision = len(encoder_layers(self.vision_tower))
+        # hidden_states[i] is the output of encoder layer i-1 (hidden_states[0]: the embeddings)
+        self.feature_layers = [
+            i % (n_vision + 1) - 1 for i in ([feature_layer] if isinstance(feature_layer, int) else feature_layer)
+        ]
         self._info = model_info(self.family, config, self.vision_tower, self.language_model, vision_has_cls=has_cls)
         self.cutter = DecoderCutter(self, self.language_model)
         self._masks: tuple[Tensor, Tensor | None] | None = None  # image / video placeholders of the current forward
@@ -94,7 +122,9 @@ class LlavaNextAdapter(AnyresLayout, Adapter):
 
     def attach(self, method: "Method", trace: "Trace") -> None:
         requests = method.requests(self.info)
-        self.vision = EncoderSignals(self, self.vision_tower, requests)
+        if any(isinstance(r, ProjectorInput) for r in requests) and min(self.feature_layers) < 0:
+            raise VTPruneError("ProjectorInput needs vision features taken from an encoder layer, not the embeddings")
+        self.vision = EncoderSignals(self, self.vision_tower, requests, self.feature_layers)
         overrides = {"get_image_features": self._recording("get_image_features", self._record_images, "image")}
         if hasattr(self.inner, "get_video_features"):
             overrides["get_video_features"] = self._recording("get_video_features", self._record_videos, "video")
@@ -204,3 +234,4 @@ class LlavaNextAdapter(AnyresLayout, Adapter):
                     f"need {self._views}; run the model (or generate) inside the `with` block"
                 )
         return signals
+

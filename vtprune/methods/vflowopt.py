@@ -22,13 +22,12 @@ Budget: the average kept share over the L layers of an LLM cut before layers l1 
 LLaVA-1.5 and re-derives r_2 for its 9/9/14 split, so models with >= 28 layers use (9, 18); shallower ones scale them
 by depth (floor(l * L / 28 + 0.5), kept strictly increasing). The presets are the released LLaVA-OneVision-7B
 configurations with r_2 derived from each one's own achieved budget, which reproduces the released r_2 on 28 layers.
-The method runs on single-grid images (LLaVA-1.5). The anyres and video rules of the official code (spec §4.1, §4.4)
-are here as pure functions, checked against the official code's outputs, for the LLaVA-NeXT / OneVision adapters to
-wire: `anyres_importance` (base map, then the tiles' maps as one mosaic, unpadded, resized like OneVision's features
-when `max_tiles` is set, with a row-end column of importance 1), `anyres_cells` + `stage_v` (one budget per image
-over base and tiles, cells that never mix base and tiles and count the row-end column in the tiles' width), and
-`pool_frame_maps` + `video_importance` + `video_keep` (each frame's map pooled like its features, then the top share
-over all frames of the video, no recycling).
+Single-grid images (LLaVA-1.5) use the rules above. On the LLaVA-NeXT family (per-encoder-input attention;
+spec §4.1, §4.4) a unit is an anyres image (base view and tiles: the map `anyres_importance` lays out, read per token through the
+layout's view / view_patch, one `stage_v` over both with `anyres_cells`) or a video (each frame's map resized to the
+pooled grid, `video_keep` over all frames, no recycling); a single view of a multi-image prompt keeps its top patches
+without recycling. The LLM stages drop per unit. Checked against the official code's outputs (pure functions) and
+through the adapters (tests/methods/test_vflowopt_next.py).
 """
 
 from __future__ import annotations
@@ -406,13 +405,14 @@ class VFlowOpt(Method):
         for b in range(layout.batch_size):
             current = ctx.state["importance"][b][layout.original_ordinal[b]]
             kept = []
-            for (_, sl), (_, r_1, r_2, final) in zip(layout.ordinal_slices(b), ctx.state["schedules"][b]):
-                n = sl.stop - sl.start
+            for key, ordinals in units(layout, b):
+                _, r_1, r_2, final = ctx.state["schedules"][b][key]
+                n = ordinals.numel()
                 dropped = n - min(n, final) if last and final is not None else round(n * (1 - (r_2 if last else r_1)))
                 stays = torch.ones(n, dtype=torch.bool)
-                stays[lowest(current[sl], dropped)] = False
-                kept.append(stays.nonzero().squeeze(1) + sl.start)
-            keep.append(torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long))
+                stays[lowest(current[ordinals], dropped)] = False
+                kept.append(ordinals[stays])
+            keep.append(torch.sort(torch.cat(kept)).values if kept else torch.zeros(0, dtype=torch.long))
             scores.append(current)
         return KeepPlan(keep=keep, scores=scores)
 
@@ -433,38 +433,86 @@ class VFlowOpt(Method):
 
     def _stage_v(self, ctx: SiteContext) -> KeepPlan:
         layout = ctx.layout
-        kinds = {span.kind for spans in layout.spans for span in spans} - {"image"}
-        if kinds:
-            raise VTPruneError(
-                f"vflowopt runs on single-grid images; this layout has {sorted(kinds)} spans, whose rules "
-                "(anyres_importance, stage_v, video_keep) need per-view signals the adapter does not give yet"
-            )
         maps, empty = self.image_importance(ctx)
-        per_sample = []
-        for b in range(layout.batch_size):
-            parts = []
-            for span, _ in layout.ordinal_slices(b):
-                patch = span.patch_index
-                parts.append(torch.where(patch >= 0, maps[span.image][patch.clamp(min=0)], NON_PATCH_IMPORTANCE))
-            per_sample.append(torch.cat(parts) if parts else torch.zeros(0))
+        side = math.isqrt(maps.shape[1])
+        per_sample = [token_importance(layout, b, maps, side) for b in range(layout.batch_size)]
         ctx.state["importance"] = per_sample  # indexed by the LLM input's visual ordinals (original ordinals)
         ctx.state["schedules"] = [
-            [self.image_schedule(ctx.info, span.length, span.image) for span in spans] for spans in layout.spans
+            {key: self.image_schedule(ctx.info, ordinals.numel(), key[1]) for key, ordinals in units(layout, b)}
+            for b in range(layout.batch_size)
         ]
         notes = {"empty_global_set": empty} if empty else {}
         keep, merges = [], []
         for b in range(layout.batch_size):
             kept, sample_merges = [], []
-            for (span, sl), (r_v, *_) in zip(layout.ordinal_slices(b), ctx.state["schedules"][b]):
+            spans_of = {}
+            for span, sl in layout.ordinal_slices(b):
+                spans_of.setdefault(unit_key(span), []).append(span)
+            for key, ordinals in units(layout, b):
+                r_v = ctx.state["schedules"][b][key][0]
+                spans, scores = spans_of[key], per_sample[b][ordinals]
                 if r_v >= 1.0:  # stage V bypassed: the image stays whole (keep-all exactness)
-                    kept.append(torch.arange(sl.start, sl.stop))
+                    kept.append(ordinals)
                     continue
-                scores = per_sample[b][sl]
-                cells = grid_cells(span.patch_index, span.grid[1])
+                if key[0] == "video" or (spans[0].kind == "image" and spans[0].view is not None):
+                    kept.append(ordinals[top_patches(scores, spans, r_v)])  # spec §4.4: no recycling
+                    continue
+                if spans[0].kind == "image":  # one grid (LLaVA-1.5)
+                    cells = grid_cells(spans[0].patch_index, spans[0].grid[1])
+                elif [s.kind for s in spans] == ["base", "tiles"]:
+                    cells = anyres_cells(spans[0].grid[0], spans[1].grid)
+                else:
+                    raise VTPruneError(f"vflowopt: image {key[1]} has spans {[s.kind for s in spans]}")
                 kept_local, groups = stage_v(scores, cells, r_v, self.cell)
                 for slot, members, weights in groups:
-                    sample_merges.append(Merge(slot=slot + sl.start, sources=members + sl.start, weights=weights))
-                kept.append(kept_local + sl.start)
-            keep.append(torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long))
+                    sample_merges.append(Merge(slot=int(ordinals[slot]), sources=ordinals[members], weights=weights))
+                kept.append(ordinals[kept_local])
+            keep.append(torch.sort(torch.cat(kept)).values if kept else torch.zeros(0, dtype=torch.long))
             merges.append(sample_merges)
         return KeepPlan(keep=keep, scores=per_sample, merges=merges, notes=notes)
+
+
+def unit_key(span: Any) -> tuple[str, int]:
+    """What shares one stage-V selection: an image (an anyres image's base view and tiles together) or a video."""
+    return ("video", span.video) if span.video is not None else ("image", span.image)
+
+
+def units(layout: Any, sample: int) -> list[tuple[tuple[str, int], Tensor]]:
+    """(unit key, its visual ordinals ascending) of every image or video of `sample`, in sequence order."""
+    groups: dict[tuple[str, int], list[Tensor]] = {}
+    for span, sl in layout.ordinal_slices(sample):
+        groups.setdefault(unit_key(span), []).append(torch.arange(sl.start, sl.stop))
+    return [(key, torch.cat(parts)) for key, parts in groups.items()]
+
+
+def token_importance(layout: Any, sample: int, maps: Tensor, side: int) -> Tensor:
+    """[n_visual] importance of every visual token of `sample` from the per-encoder-input maps [inputs, side*side]:
+    a single-grid image reads its own map (`span.image`); a base view or tile token the map of its encoder input at
+    its patch (`span.view`, `span.view_patch`: the release's unpadded mosaic; a OneVision mosaic that the model
+    downsizes takes its nearest source patch, where the release resizes the map bilinearly); a frame its map resized
+    to the frame's pooled grid like its features (`pool_frame_maps`); tokens that are no patch 1."""
+    parts = []
+    for span, _ in layout.ordinal_slices(sample):
+        patch = span.patch_index
+        if span.kind == "frame":
+            frame = int(span.view[patch >= 0][0]) if bool((patch >= 0).any()) else 0
+            pooled = F.interpolate(maps[frame].float().view(1, 1, side, side), size=list(span.grid), mode="bilinear")
+            values = pooled.flatten()[patch.clamp(min=0)]
+        elif span.view is None:
+            values = maps[span.image][patch.clamp(min=0)]
+        else:
+            values = maps[span.view.clamp(min=0), span.view_patch.clamp(min=0)]
+        parts.append(torch.where(patch >= 0, values.float(), NON_PATCH_IMPORTANCE))
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def top_patches(scores: Tensor, spans: list[Any], vit_keep: float) -> Tensor:
+    """Stage V without recycling (spec §4.4): indices into `scores` (one unit's tokens) of the top share, ascending.
+    A video is kept jointly over its frames, its newline included (`video_keep`); a single-view image of a
+    multi-image prompt keeps its top patches and its newline."""
+    if spans[0].video is not None:
+        return video_keep(scores, vit_keep)
+    patch = torch.cat([s.patch_index for s in spans]) >= 0
+    patches = patch.nonzero().squeeze(1)
+    count = patches.numel() - round(patches.numel() * (1 - vit_keep))
+    return torch.sort(torch.cat([(~patch).nonzero().squeeze(1), patches[top_k(scores[patches], count)]])).values

@@ -25,7 +25,9 @@ patches of all tiles in raster order of the whole tile mosaic, then every tile's
 tokens. Our choice, following the official code: no row-end (newline) tokens, and every patch of a tile is a candidate
 (no unpadding). The paper's LLaVA-NeXT results were measured this way, and row ends would not fit the budget: at the
 paper's 160 tokens for 5 views (32 per view) a 2 x 2 mosaic has up to 48 rows, more row ends than tile tokens. The
-LLaVA-NeXT adapter does not yet give the per-view signals this needs, so the method itself runs on single-view images.
+LLaVA-NeXT adapters give the per-view [CLS] attention and keys, but an encoder-space merge cannot yet name the tile it
+reads (it is resolved through its slot's image), so the method runs on single-view images and refuses anyres and frame
+layouts.
 """
 
 from __future__ import annotations
@@ -173,6 +175,11 @@ class VisionZip(Method):
         dominance = ctx.signals[ClsAttention(layers=(layer,))][:, 0].float().sum(dim=1).cpu()  # [N, P] sum over heads
         keys = ctx.signals[VisionKeys(layer=layer)].cpu()  # [N, T, d]
         layout = ctx.layout
+        if any(span.view is not None for spans in layout.spans for span in spans):
+            raise VTPruneError(
+                "visionzip runs on single-grid images; anyres tiles and video frames need its merges to name an "
+                "encoder input (the LLaVA-NeXT family's per-view rule, `anyres_sequence`, is not wired yet)"
+            )
         keep, order, merges, scores = [], [], [], []
         for b in range(layout.batch_size):
             kept, ordered, sample_merges = [], [], []
