@@ -10,7 +10,8 @@ of the method; every other argument goes to the base class (`pretrained`, `devic
 `pretrained=toy` is the embedded model. All of it is checked, and the method runs once on a probe image, before any
 sample, so bad arguments (unknown method or base, keep out of range, unsupported model) fail at once (VTPruneError).
 
-Requests run one at a time (batch size 1), each inside `with method(model) as trace:`. Each logged sample's
+On a machine without CUDA the defaults are device=cpu, device_map=cpu, dtype=float32 (each can be given). A document
+without images is answered by the base model unpruned. Requests run one at a time (batch size 1), each inside `with method(model) as trace:`. Each logged sample's
 `token_counts` gains visual_tokens_before / visual_tokens_after (first cut to last, from the trace), prefill_seconds
 (first module call to the end of the first forward: vision encoder and LLM prefill), seconds (the whole request),
 peak_memory_bytes (see `vtprune.eval.memory`); `results["throughput"]` gains their means as `avg_vtprune_*` (and
@@ -131,6 +132,34 @@ def split_arguments(method: str, base: str, base_class: type, arguments: dict[st
     return ours, theirs
 
 
+def cpu_defaults(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Without a CUDA GPU, run on the CPU as the user would expect: device cpu (lmms-eval's classes default to cuda),
+    device_map cpu and float32 (the embedded model is stored in float16), unless given."""
+    if torch.cuda.is_available():
+        return arguments
+    arguments = dict(arguments)
+    device = str(arguments.get("device") or "cpu")
+    if device.startswith("cuda"):
+        device = "cpu"
+    arguments["device"] = device
+    arguments.setdefault("device_map", device)
+    arguments.setdefault("dtype", "float32")
+    return arguments
+
+
+def request_visuals(lm: Any, request: Any) -> list:
+    """The images / videos of one request (simple: doc_to_visual; chat: the media of doc_to_messages)."""
+    args = request.args
+    doc_id, task, split = args[-3], args[-2], args[-1]
+    doc = lm.task_dict[task][split][doc_id]
+    if len(args) == 6 and callable(args[2]) and not callable(args[1]):  # simple: (context, gen_kwargs, doc_to_visual, ...)
+        return [v for v in (args[2](doc) or []) if v is not None]
+    from lmms_eval.protocol import ChatMessages
+
+    images, videos, _ = ChatMessages(messages=args[1](doc)).extract_media()
+    return [*images, *videos]
+
+
 def import_class(path: str) -> type:
     module, name = path.rsplit(".", 1)
     return getattr(importlib.import_module(module), name)
@@ -159,7 +188,7 @@ class VTPrune(lmms):
         if int(batch_size) != 1:
             raise VTPruneError(f"batch_size={batch_size}: vtprune runs one request at a time to measure each sample")
         base_class = import_class(class_path)
-        options, base_arguments = split_arguments(method, base, base_class, arguments)
+        options, base_arguments = split_arguments(method, base, base_class, cpu_defaults(arguments))
         pruning = make_method(method, keep, options)
         self.base = base
         self.release_after_run = True  # `clean()` frees the wrapped model, as lmms-eval's classes do
@@ -224,8 +253,36 @@ class VTPrune(lmms):
         self.log_summary(counts, wrapped_logged=len(get_logged_metrics_history()) > logged_before)
         return results
 
+    def text_only(self, request: Any) -> GenerationResult:
+        """A document without images: the base model answers it unpruned (lmms-eval's llava_hf cannot)."""
+        args = request.args
+        doc = self.task_dict[args[-2]][args[-1]][args[-3]]
+        if self.is_simple:
+            messages = [{"role": "user", "content": args[0]}]
+            gen_kwargs = dict(args[1])
+        else:
+            from lmms_eval.protocol import ChatMessages
+
+            messages = ChatMessages(messages=args[1](doc)).model_dump()["messages"]
+            gen_kwargs = dict(args[2])
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        template = getattr(self.processor, "apply_chat_template", tokenizer.apply_chat_template)
+        text = template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = tokenizer(text, return_tensors="pt").to(self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.generate(
+                **inputs, do_sample=False, max_new_tokens=int(gen_kwargs.get("max_new_tokens", 1024)),
+                pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+        new = out[0, inputs["input_ids"].shape[1] :]
+        counts = SampleCounts(output_tokens=len(new), seconds=time.perf_counter() - start)
+        return GenerationResult(text=tokenizer.decode(new, skip_special_tokens=True), token_counts=counts)
+
     def run_one(self, kind: str, request: Any) -> GenerationResult:
         model = self.model
+        if kind == "generate_until" and not request_visuals(self, request):
+            return self.text_only(request)
         start = time.perf_counter()
         with (self.method(model) if self.method else nullcontext()) as trace, RequestMeter(model) as meter:
             output = getattr(self.inner, kind)([request])[0]
