@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .loading import positive_int
+
 EXTRAS = {  # module a command needs -> the extra of pyproject.toml that installs it
     "gradio": "demo", "lmms_eval": "eval", "accelerate": "eval", "optuna": "tune", "open_clip": "clip",
     "decord": "video", "av": "video", "triton": "triton",
@@ -24,16 +26,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def budget(text: str) -> Any:
