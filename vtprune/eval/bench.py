@@ -170,11 +170,19 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
     dims, layers = (text.hidden_size, text.intermediate_size), text.num_hidden_layers
     prompt = inputs["input_ids"].shape[1]
     dense = Config(model, inputs, None, args.new_tokens)
-    grid = [(n, keep, Config(model, inputs, method, args.new_tokens)) for n, keep, method in args.grid]
     rows = [Row(name, "dense", None, None, None, 0.0, None, None, 0.0, 0.0, None,
                 cache_bytes(dense.prefill()[0].cache), llm_flops([prompt] * layers, *dims))]
-    for method_name, keep, config in grid:  # warm up, fail early on a bad method or budget, count what is kept
-        out, trace = config.prefill()
+    grid = []
+    for method_name, keep, method in args.grid:  # warm up, skip what this model refuses, count what is kept
+        config = Config(model, inputs, method, args.new_tokens)
+        try:
+            out, trace = config.prefill()
+        except vtprune.VTPruneError as error:
+            tqdm.write(f"skipped {name} {method_name} keep={keep}: {' '.join(str(error).split())}")
+            args.skipped.append(f"{name} {method_name} keep={keep}")
+            bar.update(3 * args.repeats + 1)
+            continue
+        grid.append((method_name, keep, config))
         before, after = trace.visual_tokens(0)[0]
         flops = llm_flops([prompt - before + n for n in visual_tokens_per_layer(trace, layers, forward=0)], *dims)
         rows.append(Row(name, method_name, keep, before, after, 0.0, None, None, 0.0, 0.0, None,
@@ -269,6 +277,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     args.methods = args.methods or default_methods()
+    args.skipped = []
     args.grid = method_grid(args.methods, args.budgets)  # unknown method or option: fails before building any model
     torch.set_grad_enabled(False)
     if args.threads:
@@ -293,6 +302,8 @@ def run_bench(args: argparse.Namespace) -> int:
             writer.writerows(asdict(r) for r in rows)
         plot(rows, out / "bench.png")
         print(f"\nwrote {out}/bench.md, bench.csv, bench.json, bench.png")
+    if args.skipped:
+        print(f"\nskipped (refused by the method or model, reason above): {', '.join(args.skipped)}")
     return 0
 
 
