@@ -35,7 +35,7 @@ def readme_commands() -> list[tuple[str, str]]:
     """(language, command): each shell line of a bash block (continuations joined), each python block whole."""
     text = (ROOT / "README.md").read_text()
     commands = []
-    for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, re.S):
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, re.DOTALL):
         if lang == "python":
             commands.append(("python", body))
         elif lang == "bash":
