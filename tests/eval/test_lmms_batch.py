@@ -40,3 +40,26 @@ def test_batch_of_8_gives_the_answers_of_batch_1(tiny, tmp_path):
     assert eight == one
     assert len({answer for answer, *_ in one.values()}) > 1  # the answers depend on the document
     assert {tuple(counts) for _, *counts in one.values()} == {(16, 4)}
+
+
+def test_a_document_without_images_is_answered_unpruned(tiny):
+    from types import SimpleNamespace
+
+    import torch
+
+    from vtprune.eval.lmms import VTPruneChat
+
+    lm = VTPruneChat(pretrained=str(tiny), method="vtc-cls", keep=4, start_layer=0, device="cpu", device_map="cpu",
+                     dtype="float32")
+    lm.task_dict = {"t": {"test": {0: {"q": "what color"}}}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what color"}]}]
+    request = SimpleNamespace(args=("what color", lambda doc: messages, {"max_new_tokens": 3}, 0, "t", "test"),
+                              metadata=None, task_name="t", doc_id=0)
+    (result,) = lm.generate_until([request])
+    tokenizer = lm.processor.tokenizer
+    ids = tokenizer(lm.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                    return_tensors="pt")
+    with torch.no_grad():  # the dense model on the same text prompt
+        dense = lm.model.generate(**ids, do_sample=False, max_new_tokens=3, pad_token_id=tokenizer.eos_token_id)
+    assert result.text == tokenizer.decode(dense[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert result.token_counts.visual_tokens_after is None  # nothing was pruned
