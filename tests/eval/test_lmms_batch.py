@@ -7,7 +7,13 @@ import sys
 
 import pytest
 
-from tests.eval.lmms_setup import lmms_eval_command, plugin_env, results_of, run, save_tiny_model
+from tests.eval.lmms_setup import (
+    lmms_eval_command,
+    plugin_env,
+    results_of,
+    run,
+    save_tiny_model,
+)
 
 LIMIT = 16
 METHOD = "method=vtc-cls,keep=4,start_layer=0"

@@ -135,18 +135,19 @@ def split_arguments(method: str, base: str, base_class: type, arguments: dict[st
     return ours, theirs
 
 
-def cpu_defaults(arguments: dict[str, Any]) -> dict[str, Any]:
+def cpu_defaults(arguments: dict[str, Any], base_class: type) -> dict[str, Any]:
     """Without a CUDA GPU, run on the CPU as the user would expect: device cpu (lmms-eval's classes default to cuda),
     device_map cpu and float32 (the embedded model is stored in float16), unless given."""
     if torch.cuda.is_available():
         return arguments
+    takes = set(inspect.signature(base_class.__init__).parameters)  # only what the wrapped class accepts
     arguments = dict(arguments)
     device = str(arguments.get("device") or "cpu")
     if device.startswith("cuda"):
         device = "cpu"
-    arguments["device"] = device
-    arguments.setdefault("device_map", device)
-    arguments.setdefault("dtype", "float32")
+    for name, value in (("device", device), ("device_map", device), ("dtype", "float32")):
+        if name in takes:
+            arguments[name] = value if name == "device" else arguments.get(name, value)
     return arguments
 
 
@@ -200,7 +201,7 @@ class VTPrune(lmms):
         if self.requests_per_batch < 1 or (self.requests_per_batch > 1 and base != "llava_hf"):
             raise VTPruneError(f"batch_size={batch_size}: give 1, or any N >= 1 with base=llava_hf")
         base_class = import_class(class_path)
-        options, base_arguments = split_arguments(method, base, base_class, cpu_defaults(arguments))
+        options, base_arguments = split_arguments(method, base, base_class, cpu_defaults(arguments, base_class))
         pruning = make_method(method, keep, options)
         self.base = base
         self.release_after_run = True  # `clean()` frees the wrapped model, as lmms-eval's classes do
