@@ -1,18 +1,42 @@
-"""The `vtprune` command line: `run` (one question, dense vs pruned), and the subcommands other modules add."""
+"""The `vtprune` command line: `run` (one question, dense vs pruned), and the subcommands other modules add.
+
+One error style for every command: a bad input exits with status 2 and one line on stderr naming the problem and the
+fix (argparse's usage errors included); `--debug` shows the traceback instead. A missing optional dependency names
+the extra to install. Heavy modules (torch, transformers) are imported by the command that runs, not here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+from .loading import positive_int
 
-from .core.budget import budget_argument
+EXTRAS = {  # module a command needs -> the extra of pyproject.toml that installs it
+    "gradio": "demo", "lmms_eval": "eval", "accelerate": "eval", "optuna": "tune", "open_clip": "clip",
+    "decord": "video", "av": "video", "triton": "triton",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error: `vtprune run: --image is required (see vtprune run --help)`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def budget(text: str) -> Any:
+    from .core.budget import budget_argument
+
+    return budget_argument(text)
 
 
 def answer(model: Any, processor: Any, inputs: dict, max_new_tokens: int) -> str:
+    import torch
+
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
@@ -20,19 +44,37 @@ def answer(model: Any, processor: Any, inputs: dict, max_new_tokens: int) -> str
 
 def run(args: argparse.Namespace) -> int:
     import vtprune
-    from PIL import Image
 
     from .eval.speed import prefill_seconds
-    from .loading import load, prepare
+    from .loading import (
+        check_device,
+        check_model,
+        load,
+        prepare,
+        question_text,
+        read_image,
+    )
     from .viz import heatmap
 
+    # every check a user's input can fail runs before the model loads
+    question, stripped = question_text(args.prompt)
     options = vtprune.core.parse_options(vtprune.core.method_class(args.method), args.option, args.method)
-    if args.keep is not None:
+    preset = args.preset
+    if isinstance(args.keep, str):  # a budget that is a name is a preset of the method (e.g. --keep high)
+        if preset is not None:
+            raise vtprune.VTPruneError(f"--keep {args.keep} names a preset and --preset {preset} another; give one")
+        preset = args.keep
+    elif args.keep is not None:
         options = {"keep": args.keep, **options}
-    method = vtprune.make(args.method, preset=args.preset, **options)
+    method = vtprune.make(args.method, preset=preset, **options)
+    images = [read_image(path) for path in args.image]
+    check_device(args.device)
+    check_model(args.model)
+    if stripped:
+        print("note: the chat template was taken off the prompt; vtprune run adds the model's own, one image token "
+              "per --image", file=sys.stderr)
     model, processor = load(args.model, device=args.device)
-    images = [Image.open(path) for path in args.image]
-    inputs = prepare(processor, images, args.prompt, device=model.device)
+    inputs = prepare(processor, images, question, device=model.device)
 
     dense_answer = answer(model, processor, inputs, args.max_new_tokens)
     with method(model) as trace:
@@ -58,24 +100,51 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_run(subparsers: Any) -> None:
-    p = subparsers.add_parser("run", help="answer one question with and without pruning")
+    p = subparsers.add_parser(
+        "run", help="answer one question with and without pruning",
+        description="Answer one question about one or more images with the dense model and with a method. Give only "
+        "the question as --prompt: the command adds the model's chat template and one image token per --image "
+        "(a prompt written as 'USER: <image>\\n... ASSISTANT:' is reduced to its question).",
+    )
     p.add_argument("--model", default="toy", help="hub id or local path; 'toy' is the embedded default model")
     p.add_argument("--image", action="append", required=True, help="image file (repeat for several images)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--method", default="vtc-cls")
-    p.add_argument("--keep", type=budget_argument, help="the budget: tokens per image (int) or a ratio; default: the method's")
+    p.add_argument("--prompt", required=True, help="the question (the chat template is added for you)")
+    p.add_argument("--method", default="vtc-cls", help="a method of `vtprune methods` (default: %(default)s)")
+    p.add_argument("--keep", type=budget, help="the budget: tokens per image (int) or a ratio; default: the method's")
     p.add_argument("--preset", help="a preset of the method (e.g. transprune: high, low) or a JSON file from `tune`")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option, repeatable")
     p.add_argument("--heatmap", help="write the image, the method's scores and the kept tokens to this PNG")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5, help="prefill timing repeats")
-    p.add_argument("--device", default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="(default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="prefill timing repeats (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the model's)")
     p.set_defaults(func=run)
 
 
-def main(argv: list[str] | None = None) -> int:
+def list_methods(args: argparse.Namespace) -> int:
+    """Per method: name, site(s), budget kind, options with defaults, and the first line of its docstring."""
+    import dataclasses
+
     import vtprune
 
+    for name in vtprune.available():
+        cls = vtprune.core.method_class(name)
+        doc = next((line.strip() for line in (cls.__doc__ or "").splitlines() if line.strip()), "")
+        options = ", ".join(
+            f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
+            for f in dataclasses.fields(cls) if f.name != "keep"
+        )
+        keep = next((f.default for f in dataclasses.fields(cls) if f.name == "keep"), None)
+        print(f"{name}")
+        print(f"  {doc}")
+        print(f"  sites: {', '.join(cls.sites)}; positions: {getattr(cls, 'positions', '?')}")
+        print(f"  budget: keep={keep!r}, {cls.budget_kind.meaning}")
+        if cls.presets:
+            print(f"  presets: {', '.join(cls.presets)}")
+        print(f"  options: {options or 'none'}")
+    return 0
+
+
+def build_parser() -> Parser:
     from .convert import add_convert
     from .demo import add_demo
     from .eval.bench import add_bench
@@ -83,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     from .example import add_example
     from .tune import add_tune
 
-    parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for vision-language models.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="vtprune", description="Visual-token pruning for vision-language models.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_run(subparsers)
     add_example(subparsers)
     add_tune(subparsers)
@@ -92,15 +162,54 @@ def main(argv: list[str] | None = None) -> int:
     add_bench(subparsers)
     add_eval(subparsers)
     add_demo(subparsers)
-    subparsers.add_parser("methods", help="list the available methods").set_defaults(
-        func=lambda args: print("\n".join(vtprune.available())) or 0
-    )
-    args = parser.parse_args(argv)
+    subparsers.add_parser(
+        "methods", help="the available methods: sites, budget, options with defaults",
+    ).set_defaults(func=list_methods)
+    for sub in subparsers.choices.values():  # --debug after the command works too
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def explain(error: BaseException, command: str | None) -> tuple[str, int]:
+    """(the line to print, exit status) for an error that ended a command."""
+    from .core.errors import VTPruneError
+
+    if isinstance(error, VTPruneError):
+        return one_line(error), 2
+    if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in EXTRAS:
+        module = error.name.split(".")[0]
+        return (f"`vtprune {command}` needs {module}, which is not installed: "
+                f"pip install 'vtprune[{EXTRAS[module]}]'"), 2
+    if isinstance(error, MemoryError):
+        return "out of memory: try a smaller model, fewer tokens or --device cuda", 2
+    return f"unexpected error {type(error).__name__}: {one_line(error)} (rerun with --debug for the traceback)", 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
         return args.func(args)
-    except vtprune.VTPruneError as error:
-        print(f"vtprune: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("vtprune: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `vtprune methods | head`: the reader left, nothing is wrong
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as error:
+        if debug:
+            raise
+        line, status = explain(error, next((a for a in argv if not a.startswith("-")), None))
+        print(f"vtprune: {line}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

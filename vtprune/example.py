@@ -1,6 +1,6 @@
 """`vtprune example`: every method on one image and question, at one budget, against the dense model.
 
-Prints a table (method, visual tokens kept, answer, correct, prefill time ratio vs dense measured in the same run) and
+Prints one progress line per method on stderr as it goes, then a table (method, visual tokens kept, answer, correct, prefill time ratio vs dense measured in the same run) and
 writes one heatmap per method into the output folder. Defaults to the embedded model and its bundled example.
 """
 
@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 import vtprune
 
 from .core import VISUAL_TOKENS
 from .eval.speed import prefill_seconds
-from .loading import load, prepare
+from .loading import load, positive_int, prepare, question_text, read_image
 from .toy import is_correct
 from .viz import heatmap
 
@@ -44,11 +44,17 @@ def methods_with_budget(names: list[str], keep: int) -> list[vtprune.Method]:
 
 def run_example(args: argparse.Namespace) -> int:
     if args.image:
+        if not args.question:
+            raise vtprune.VTPruneError("--image needs --question (and --answer for the 'correct' column)")
         image_path, question, expected = Path(args.image), args.question, args.answer
+    elif args.question or args.answer:
+        raise vtprune.VTPruneError("--question / --answer go with --image; without --image the bundled example runs")
     else:
         image_path, question, expected = bundled_example()
+    question, _ = question_text(question)
+    image = read_image(image_path)
+    methods = methods_with_budget(args.methods or vtprune.available(), args.keep)  # a bad name fails before loading
     model, processor = load(args.model, device=args.device)
-    image = Image.open(image_path)
     inputs = prepare(processor, [image], question, device=model.device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,7 +64,9 @@ def run_example(args: argparse.Namespace) -> int:
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     rows = [("dense", n_visual, dense_answer, 1.0)]
     skipped = []
-    for method in methods_with_budget(args.methods or vtprune.available(), args.keep):
+    print(f"dense: {dense_answer!r} ({n_visual} visual tokens)", file=sys.stderr, flush=True)
+    for index, method in enumerate(methods, 1):
+        print(f"[{index}/{len(methods)}] {method.name} ...", file=sys.stderr, flush=True)
         try:
             with method(model) as trace:
                 answer = generate_answer(model, processor, inputs, args.max_new_tokens)
@@ -70,12 +78,13 @@ def run_example(args: argparse.Namespace) -> int:
         scores, kept = trace.image_map(0, forward=0)
         heatmap(image, scores, kept, side=model.config.vision_config.image_size).save(out_dir / f"{method.name}.png")
 
-    print(f"image: {image_path}\nquestion: {question}\nexpected answer: {expected}\n")
-    print("| method | visual tokens | answer | correct | prefill / dense |")
-    print("| --- | --- | --- | --- | --- |")
+    scored = expected is not None
+    print(f"image: {image_path}\nquestion: {question}\nexpected answer: {expected if scored else '(not given)'}\n")
+    print("| method | visual tokens | answer |" + (" correct |" if scored else "") + " prefill / dense |")
+    print("| --- | --- | --- |" + (" --- |" if scored else "") + " --- |")
     for name, tokens, answer, ratio in rows:
-        correct = "yes" if is_correct(answer, expected) else "no"
-        print(f"| {name} | {tokens} | {answer} | {correct} | {ratio:.2f} |")
+        correct = (" yes |" if is_correct(answer, expected) else " no |") if scored else ""
+        print(f"| {name} | {tokens} | {answer} |{correct} {ratio:.2f} |")
     for line in skipped:
         print(f"skipped {line}")
     print(f"\nprefill ratios: median of {args.repeats} runs each, same process; heatmaps in {out_dir}/")
@@ -86,12 +95,12 @@ def add_example(subparsers: Any) -> None:
     p = subparsers.add_parser("example", help="every method on one image and question (default: the bundled example)")
     p.add_argument("--model", default="toy", help="hub id or local path; 'toy' is the embedded default model")
     p.add_argument("--image", help="image file (default: the bundled example)")
-    p.add_argument("--question")
+    p.add_argument("--question", help="the question about --image (required with --image)")
     p.add_argument("--answer", help="expected answer, for the 'correct' column")
-    p.add_argument("--keep", type=int, default=64, help="visual tokens kept per image")
+    p.add_argument("--keep", type=positive_int, default=64, help="visual tokens kept per image (default: %(default)s)")
     p.add_argument("--methods", nargs="+", help="default: every available method")
     p.add_argument("--out", default="out/example", help="folder for the heatmaps")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="(default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="prefill timing repeats (default: %(default)s)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=run_example)

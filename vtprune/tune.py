@@ -25,7 +25,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .core import Choice, IntRange, Method, Uniform, VTPruneError, adapter_for, method_class, parse_budget, parse_options
+from .core import (
+    Choice,
+    IntRange,
+    Method,
+    Uniform,
+    VTPruneError,
+    adapter_for,
+    method_class,
+    parse_budget,
+    parse_options,
+)
+from .loading import positive_int
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DEFAULT_QUESTION = "Describe the image."
@@ -109,6 +120,8 @@ class TuneResult:
     trials: int
     failed_trials: int
     extra: dict[str, Any] = field(default_factory=dict)
+    tuned: tuple[str, ...] = ()  # the searched options (the others are fixed by the budget or --option)
+    first_failure: str = ""
 
     def preset(self) -> dict[str, Any]:
         return {"method": self.method, "options": self.options, "objective": self.objective,
@@ -186,12 +199,16 @@ def tune(
 
         study.optimize(objective, n_trials=trials, callbacks=[update])
     best = {**fixed, **study.best_params}
-    return TuneResult(name, best, study.best_value, default_objective, trials, len(failures))
+    return TuneResult(name, best, study.best_value, default_objective, trials, len(failures), tuned=tuple(space),
+                      first_failure=failures[0] if failures else "")
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    import optuna  # noqa: F401  (a missing extra fails here, before the model loads)
+
     from .loading import load, prepare
 
+    fixed = parse_options(method_class(args.method), args.option, args.method)
     model, processor = load(args.model, device=args.device)
     if args.calibration:
         pairs = folder_calibration(Path(args.calibration), args.samples)
@@ -200,7 +217,7 @@ def run_tune(args: argparse.Namespace) -> int:
     calibration = [prepare(processor, [image], question, device=model.device) for image, question in pairs]
     budget = None if args.budget is None else parse_budget(args.budget)
     result = tune(model, calibration, args.method, budget=budget, trials=args.trials, seed=args.seed,
-                  fixed=parse_options(method_class(args.method), args.option, args.method), sampler=args.sampler)
+                  fixed=fixed, sampler=args.sampler)
     result.extra = {"model": str(args.model), "budget": budget, "sampler": args.sampler, "seed": args.seed,
                     "calibration": {"samples": len(calibration), "source": args.calibration or "synthetic"}}
     out = Path(args.out or f"{args.method}-tuned.json")
@@ -210,6 +227,13 @@ def run_tune(args: argparse.Namespace) -> int:
     print(f"best of {result.trials:<8} objective {result.objective:.6f}"
           + (f"  ({result.failed_trials} trials refused by the method, scored 0)" if result.failed_trials else ""))
     print(f"options           {json.dumps(result.options)}")
+    untuned = method_class(args.method)(**{k: v for k, v in result.options.items() if k not in result.tuned})
+    if all(getattr(untuned, k) == v for k, v in result.options.items()) or result.objective <= result.default_objective:
+        print("note              the tuned preset is no better than the untuned defaults (same options or objective): "
+              "try more --trials, more --samples or another --budget")
+    if result.failed_trials:
+        print(f"note              {result.failed_trials} of {result.trials} trials had options the method refused "
+              "(first: " + result.first_failure + ")")
     print(f"preset            {out}  (vtprune.make({args.method!r}, preset={str(out)!r}))")
     return 0
 
@@ -219,8 +243,8 @@ def add_tune(subparsers: Any) -> None:
     p.add_argument("--model", default="toy", help="hub id or local path; 'toy' is the embedded default model")
     p.add_argument("--method", default="vflowopt")
     p.add_argument("--budget", help="the method's budget (vflowopt: average kept share, e.g. 0.25; visionzip: tokens)")
-    p.add_argument("--trials", type=int, default=50)
-    p.add_argument("--samples", type=int, default=30, help="calibration samples")
+    p.add_argument("--trials", type=positive_int, default=50)
+    p.add_argument("--samples", type=positive_int, default=30, help="calibration samples")
     p.add_argument("--calibration", help="folder of images (+ x.txt or questions.txt); default: generated scenes")
     p.add_argument("--image-size", type=int, default=336, help="side of generated calibration images")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="fixed method option")

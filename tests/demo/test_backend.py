@@ -108,8 +108,16 @@ def test_bad_input_is_a_readable_error(demo, saved_model, video, tmp_path, chang
 
 
 def test_a_folder_without_a_model_is_a_readable_error(demo, tmp_path, screenshots):
-    with pytest.raises(VTPruneError, match="cannot load model"):
+    with pytest.raises(VTPruneError, match="has no config.json; give a folder written by save_pretrained"):
         demo.run(Request(files=screenshots.files, question="w1", model=str(tmp_path), methods=["pool"], **QUICK))
+
+
+def test_a_hub_id_typed_by_a_visitor_is_refused_without_allow_hub(demo, screenshots, monkeypatch):
+    import vtprune.loading
+
+    monkeypatch.setattr(vtprune.loading, "hub_reachable", lambda *a, **k: pytest.fail("no hub call expected"))
+    with pytest.raises(VTPruneError, match="only when started with --allow-hub"):
+        demo.run(Request(files=screenshots.files, question="w1", model="someone/some-model", methods=["pool"], **QUICK))
 
 
 def test_budget_and_options_parse_like_the_command_line():

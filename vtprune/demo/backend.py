@@ -122,8 +122,10 @@ def build_methods(
 class Models:
     """One model at a time: loaded on first use, kept for the next requests, replaced when another is asked for."""
 
-    def __init__(self, device: str | None = None) -> None:
+    def __init__(self, device: str | None = None, preselected: str = EMBEDDED, allow_hub: bool = False) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else None)
+        self.preselected = preselected  # named on the command line by whoever started the server: always allowed
+        self.allow_hub = allow_hub  # whether a visitor may name any hub id (a download on the server)
         self.name: str | None = None
         self.loaded: tuple[Any, Any] | None = None
 
@@ -139,6 +141,12 @@ class Models:
         return self.loaded
 
     def _load(self, name: str) -> tuple[Any, Any]:
+        local = name == EMBEDDED or Path(name).expanduser().exists() or name.startswith(("/", ".", "~"))
+        if not (local or name == self.preselected or self.allow_hub):
+            raise VTPruneError(
+                f"model {name!r} is not a local folder; this server loads hub models only when started with "
+                "--allow-hub (or with --model naming it)"
+            )
         if name != EMBEDDED and name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
             raise VTPruneError(f"model path {name!r} does not exist")
         try:
@@ -239,9 +247,9 @@ def run(request: Request, models: Models, progress: Progress = lambda fraction, 
 class Demo:
     """The state behind the page: the model slot, and a lock so that one request at a time patches the model."""
 
-    def __init__(self, model: str = EMBEDDED, device: str | None = None) -> None:
+    def __init__(self, model: str = EMBEDDED, device: str | None = None, allow_hub: bool = False) -> None:
         self.default_model = model
-        self.models = Models(device)
+        self.models = Models(device, preselected=model, allow_hub=allow_hub)
         self.lock = threading.Lock()
 
     def run(self, request: Request, progress: Progress = lambda fraction, text: None) -> Report:

@@ -109,9 +109,10 @@ def build_demo(
     max_new_tokens: int = 16,
     repeats: int = 3,
     frames: int = 4,
+    allow_hub: bool = False,
 ) -> gr.Blocks:
     """The page, on a model slot that loads `model` (or what the user types) on first use."""
-    demo = Demo(model=model, device=device)
+    demo = Demo(model=model, device=device, allow_hub=allow_hub)
     methods = vtprune.available()
     default_method = "vtc-cls" if "vtc-cls" in methods else methods[0]
     examples = bundled_examples(examples_dir)

@@ -5,8 +5,9 @@
 The model is loaded once as lmms-eval's model `vtprune` (see `vtprune.eval.lmms`); every cell (dense first, then each
 method at each budget) is one `lmms_eval.evaluator.simple_evaluate` with that method swapped in. Columns: each task
 metric, the mean visual tokens before -> after, and the medians over samples of prefill time, request time and peak
-memory (see `vtprune.eval.lmms`), each divided by dense's. `--include_path` defaults to vtprune's own tasks
-(vtprune_toy_vqa). Writes eval.md, eval.csv and eval.json (rows and each cell's lmms-eval results, samples left out)
+memory (see `vtprune.eval.lmms`), each divided by dense's. `--include-path` defaults to vtprune's own tasks
+(vtprune_toy_vqa). Without CUDA it runs on the CPU in float32 (no --model-arg needed). A configuration that fails
+is reported and skipped; the exit status is then 1. Writes eval.md, eval.csv and eval.json (rows and each cell's lmms-eval results, samples left out)
 to `--out`.
 """
 
@@ -16,12 +17,13 @@ import argparse
 import csv
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..core import budget_argument, parse_pairs
+from ..core import VTPruneError, budget_argument, parse_pairs
 from .bench import method_grid
 from .toy_vqa import TASK_DIR
 
@@ -88,17 +90,24 @@ def run_eval(args: argparse.Namespace) -> int:
     tasks = TaskManager(include_path=args.include_path or str(TASK_DIR), include_defaults=False)
     if not set(args.tasks) <= set(tasks.all_tasks):  # indexing lmms-eval's own tasks takes a while: only if needed
         tasks = TaskManager(include_path=args.include_path or str(TASK_DIR))
-    rows, cells = [], {}
+    rows, cells, failed = [], {}, []
     for name, keep, method in [("dense", None, None), *grid]:
-        lm.use(method)
-        results = simple_evaluate(
-            model=lm, tasks=args.tasks, limit=args.limit, task_manager=tasks, device=args.device,
-            gen_kwargs=args.gen_kwargs, log_samples=True, bootstrap_iters=0,
-        )
+        try:
+            lm.use(method)
+            results = simple_evaluate(
+                model=lm, tasks=args.tasks, limit=args.limit, task_manager=tasks, device=args.device,
+                gen_kwargs=args.gen_kwargs, log_samples=True, bootstrap_iters=0,
+            )
+        except VTPruneError as error:  # one configuration the model refuses: the others still run
+            failed.append(f"{name} keep={keep}: {' '.join(str(error).split())}")
+            print(f"vtprune eval: {failed[-1]}", file=sys.stderr)
+            continue
         if results is None:  # not the main process of a distributed run
             continue
         rows.append(cell_row(name, keep, results))
         cells[f"{name} keep={keep}"] = {k: v for k, v in results.items() if k != "samples"}
+    if failed and not rows:
+        raise VTPruneError(f"every configuration failed ({'; '.join(failed)})")
     if not rows:
         return 0
     rows = with_ratios(rows)
@@ -114,6 +123,9 @@ def run_eval(args: argparse.Namespace) -> int:
             writer.writeheader()
             writer.writerows(rows)
         print(f"\nwrote {out}/eval.md, eval.csv, eval.json")
+    if failed:
+        print(f"vtprune eval: {len(failed)} configuration(s) failed (above); exit status 1", file=sys.stderr)
+        return 1
     return 0
 
 

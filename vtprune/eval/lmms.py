@@ -10,7 +10,11 @@ of the method; every other argument goes to the base class (`pretrained`, `devic
 `pretrained=toy` is the embedded model. All of it is checked, and the method runs once on a probe image, before any
 sample, so bad arguments (unknown method or base, keep out of range, unsupported model) fail at once (VTPruneError).
 
-Requests run one at a time (batch size 1), each inside `with method(model) as trace:`. Each logged sample's
+On a machine without CUDA the defaults are device=cpu, device_map=cpu, dtype=float32 (each can be given). A document
+without images is answered by the base model unpruned. With `--batch_size N` (base llava_hf) up to N consecutive image
+requests with the same gen_kwargs run as one left-padded generate() inside the session, each sample pruned to its own
+budget (same answers as batch size 1, tested); their times and peak memory are the batch's, divided evenly (times)
+or shared (memory). Otherwise requests run one at a time, each inside `with method(model) as trace:`. Each logged sample's
 `token_counts` gains visual_tokens_before / visual_tokens_after (first cut to last, from the trace), prefill_seconds
 (first module call to the end of the first forward: vision encoder and LLM prefill), seconds (the whole request),
 peak_memory_bytes (see `vtprune.eval.memory`); `results["throughput"]` gains their means as `avg_vtprune_*` (and
@@ -131,6 +135,40 @@ def split_arguments(method: str, base: str, base_class: type, arguments: dict[st
     return ours, theirs
 
 
+def cpu_defaults(arguments: dict[str, Any], base_class: type) -> dict[str, Any]:
+    """Without a CUDA GPU, run on the CPU as the user would expect: device cpu (lmms-eval's classes default to cuda),
+    device_map cpu and float32 (the embedded model is stored in float16), unless given."""
+    if torch.cuda.is_available():
+        return arguments
+    takes = set(inspect.signature(base_class.__init__).parameters)  # only what the wrapped class accepts
+    arguments = dict(arguments)
+    device = str(arguments.get("device") or "cpu")
+    if device.startswith("cuda"):
+        device = "cpu"
+    for name, value in (("device", device), ("device_map", device), ("dtype", "float32")):
+        if name in takes:
+            arguments[name] = value if name == "device" else arguments.get(name, value)
+    return arguments
+
+
+def request_visuals(lm: Any, request: Any) -> list:
+    """The images / videos of one request (simple: doc_to_visual; chat: the media of doc_to_messages)."""
+    args = request.args
+    doc_id, task, split = args[-3], args[-2], args[-1]
+    doc = lm.task_dict[task][split][doc_id]
+    if len(args) == 6 and callable(args[2]) and not callable(args[1]):  # simple: (context, gen_kwargs, doc_to_visual, ...)
+        return [v for v in (args[2](doc) or []) if v is not None]
+    from lmms_eval.protocol import ChatMessages
+
+    images, videos, _ = ChatMessages(messages=args[1](doc)).extract_media()
+    return [*images, *videos]
+
+
+def gen_kwargs_of(request: Any) -> dict:
+    args = request.args
+    return dict(args[1] if isinstance(args[1], dict) else args[2])
+
+
 def import_class(path: str) -> type:
     module, name = path.rsplit(".", 1)
     return getattr(importlib.import_module(module), name)
@@ -156,10 +194,14 @@ class VTPrune(lmms):
         class_path = BASES[base].chat if not self.is_simple else BASES[base].simple
         if class_path is None:
             raise VTPruneError(f"lmms-eval has no chat implementation of {base}; add --force_simple")
-        if int(batch_size) != 1:
-            raise VTPruneError(f"batch_size={batch_size}: vtprune runs one request at a time to measure each sample")
+        try:
+            self.requests_per_batch = int(batch_size)
+        except ValueError:
+            raise VTPruneError(f"batch_size={batch_size!r}: give a whole number (requests per padded generate)") from None
+        if self.requests_per_batch < 1 or (self.requests_per_batch > 1 and base != "llava_hf"):
+            raise VTPruneError(f"batch_size={batch_size}: give 1, or any N >= 1 with base=llava_hf")
         base_class = import_class(class_path)
-        options, base_arguments = split_arguments(method, base, base_class, arguments)
+        options, base_arguments = split_arguments(method, base, base_class, cpu_defaults(arguments, base_class))
         pruning = make_method(method, keep, options)
         self.base = base
         self.release_after_run = True  # `clean()` frees the wrapped model, as lmms-eval's classes do
@@ -216,16 +258,46 @@ class VTPrune(lmms):
 
     def run(self, kind: str, requests: list) -> list[GenerationResult]:
         logged_before = len(get_logged_metrics_history())
-        results = []
-        for request in tqdm(requests, disable=self.rank != 0, desc=f"vtprune {self.label}"):
-            results.append(self.run_one(kind, request))
+        if kind == "generate_until" and self.requests_per_batch > 1:
+            results = self.run_batched(requests)
+        else:
+            results = [self.run_one(kind, request)
+                       for request in tqdm(requests, disable=self.rank != 0, desc=f"vtprune {self.label}")]
         padding = [request.metadata and request.metadata.get("__padding_only__") for request in requests]
         counts = [r.token_counts for r, pad in zip(results, padding) if not pad]
         self.log_summary(counts, wrapped_logged=len(get_logged_metrics_history()) > logged_before)
         return results
 
+    def text_only(self, request: Any) -> GenerationResult:
+        """A document without images: the base model answers it unpruned (lmms-eval's llava_hf cannot)."""
+        args = request.args
+        doc = self.task_dict[args[-2]][args[-1]][args[-3]]
+        if self.is_simple:
+            messages = [{"role": "user", "content": args[0]}]
+            gen_kwargs = dict(args[1])
+        else:
+            from lmms_eval.protocol import ChatMessages
+
+            messages = ChatMessages(messages=args[1](doc)).model_dump()["messages"]
+            gen_kwargs = dict(args[2])
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        template = getattr(self.processor, "apply_chat_template", tokenizer.apply_chat_template)
+        text = template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = tokenizer(text, return_tensors="pt").to(self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.generate(
+                **inputs, do_sample=False, max_new_tokens=int(gen_kwargs.get("max_new_tokens", 1024)),
+                pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+        new = out[0, inputs["input_ids"].shape[1] :]
+        counts = SampleCounts(output_tokens=len(new), seconds=time.perf_counter() - start)
+        return GenerationResult(text=tokenizer.decode(new, skip_special_tokens=True), token_counts=counts)
+
     def run_one(self, kind: str, request: Any) -> GenerationResult:
         model = self.model
+        if kind == "generate_until" and not request_visuals(self, request):
+            return self.text_only(request)
         start = time.perf_counter()
         with (self.method(model) if self.method else nullcontext()) as trace, RequestMeter(model) as meter:
             output = getattr(self.inner, kind)([request])[0]
@@ -243,6 +315,91 @@ class VTPrune(lmms):
             seconds=seconds, peak_memory_bytes=meter.peak_memory_bytes,
         )
         return GenerationResult(text=text, token_counts=sample)
+
+    # ------------------------------------------------------------------------------------------ batches
+    def run_batched(self, requests: list) -> list[GenerationResult]:
+        """Up to `batch_size` consecutive image requests with equal gen_kwargs as one left-padded, pruned generate()
+        (each sample its own budget); documents without images or with videos one at a time."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        chunk: list[int] = []
+
+        def flush() -> None:
+            if chunk:
+                for index, result in zip(chunk, self.run_chunk([requests[i] for i in chunk])):
+                    results[index] = result
+                chunk.clear()
+
+        for index, request in enumerate(tqdm(requests, disable=self.rank != 0, desc=f"vtprune {self.label}")):
+            visuals = request_visuals(self, request)
+            if not visuals or not all(isinstance(v, Image.Image) for v in visuals):
+                flush()
+                results[index] = self.run_one("generate_until", request)
+                continue
+            if chunk and gen_kwargs_of(requests[chunk[0]]) != gen_kwargs_of(request):
+                flush()
+            chunk.append(index)
+            if len(chunk) == self.requests_per_batch:
+                flush()
+        flush()
+        return results
+
+    def prompt_of(self, request: Any) -> tuple[str, list]:
+        """(prompt text, images) of one request, built as lmms-eval's llava_hf builds it for batch size 1."""
+        args = request.args
+        doc = self.task_dict[args[-2]][args[-1]][args[-3]]
+        if self.is_simple:
+            visuals = [v for v in args[2](doc) if v is not None]
+            context = args[0]
+            if "<image>" not in context:
+                context = " ".join(["<image>"] * len(visuals)) + "\n" + context
+            tokenizer = self.inner.tokenizer
+            if self.inner.chat_template is not None:
+                tokenizer.chat_template = self.inner.chat_template
+            elif tokenizer.chat_template is None:
+                from lmms_eval.models.simple.llava_hf import VICUNA_CHAT_TEMPLATE
+
+                tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
+            messages = [{"role": "user", "content": context}]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), visuals
+        from lmms_eval.protocol import ChatMessages
+
+        chat = ChatMessages(messages=args[1](doc))
+        images, _, _ = chat.extract_media()
+        text = self.processor.apply_chat_template(chat.model_dump()["messages"], tokenize=False, add_generation_prompt=True)
+        return text, images
+
+    def run_chunk(self, requests: list) -> list[GenerationResult]:
+        model, tokenizer = self.model, self.inner.tokenizer
+        prompts = [self.prompt_of(request) for request in requests]
+        images = [image for _, visuals in prompts for image in visuals]
+        tokenizer.padding_side = "left"
+        inputs = self.processor(images=images, text=[text for text, _ in prompts], return_tensors="pt", padding=True)
+        inputs = inputs.to(self.device, model.dtype)
+        gen = {"max_new_tokens": 1024, "temperature": 0, "top_p": None, "num_beams": 1,
+               **{k: v for k, v in gen_kwargs_of(requests[0]).items() if k != "until"}}
+        sample = gen["temperature"] > 0
+        start = time.perf_counter()
+        with (self.method(model) if self.method else nullcontext()) as trace, RequestMeter(model) as meter:
+            out = model.generate(
+                **inputs, do_sample=sample, temperature=gen["temperature"] if sample else None, top_p=gen["top_p"],
+                num_beams=gen["num_beams"], max_new_tokens=gen["max_new_tokens"], use_cache=self.inner.use_cache,
+                pad_token_id=self.inner.eot_token_id, eos_token_id=self.inner.eot_token_id,
+            )
+        seconds = time.perf_counter() - start
+        if meter.error is not None:
+            raise VTPruneError(f"the model failed on a batch of {len(requests)} requests: {meter.error!r}") from meter.error
+        new = out[:, inputs["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        counts = trace.visual_tokens(0) if trace is not None and trace.forwards else [(None, None)] * len(requests)
+        n = len(requests)
+        return [  # per sample: its own visual tokens and output tokens; the batch's times and memory shared evenly
+            GenerationResult(text=text, token_counts=SampleCounts(
+                output_tokens=int((row != self.inner.eot_token_id).sum()), visual_tokens_before=before,
+                visual_tokens_after=after, prefill_seconds=meter.prefill_seconds / n if meter.prefill_seconds else None,
+                seconds=seconds / n, peak_memory_bytes=meter.peak_memory_bytes,
+            ))
+            for text, row, (before, after) in zip(texts, new, counts)
+        ]
 
     def log_summary(self, counts: list[SampleCounts], wrapped_logged: bool) -> None:
         """Means over this rank's requests (all ranks' when distributed) into lmms-eval's throughput summary."""

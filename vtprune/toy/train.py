@@ -12,7 +12,7 @@ full learning rate and the tower at a fifth of it (as LLaVA-OneVision does), wit
 auxiliary term so that [CLS] stays tied to the image. Each image comes with 16 questions packed as independent single
 turns (see `QABuilder`); the loss is on the answer tokens only.
 
-    python -m vtprune.toy.train            # about 80 minutes on 2 CPU cores; writes vtprune/toy/model/
+    python -m vtprune.toy.train            # about 80 minutes on 2 CPU cores; writes out/toy-model/ (--out, --force)
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from transformers import CLIPVisionModel, LlavaForConditionalGeneration, LlavaPr
 from vtprune.toy import world
 from vtprune.toy.evaluate import score
 from vtprune.toy.modeling import (
-    EXAMPLES_DIR,
     IMAGE,
     MODEL_DIR,
     NUM_IMAGE_TOKENS,
@@ -587,8 +586,10 @@ def reinitialize(modules: list[nn.Module], std: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=MODEL_DIR, help="where to save the model and processor")
-    parser.add_argument("--examples", type=Path, default=EXAMPLES_DIR, help="where to save the example")
+    parser.add_argument("--out", type=Path, default=Path("out/toy-model"),
+                        help=f"new folder for the model and processor (default: %(default)s; the shipped model is {MODEL_DIR})")
+    parser.add_argument("--examples", type=Path, help="where to save the example (default: OUT/examples)")
+    parser.add_argument("--force", action="store_true", help="replace --out / --examples if they exist and are not empty")
     defaults = Recipe()
     for name, value in asdict(defaults).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -596,6 +597,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-stage1", type=Path, help="also save the stage-1 tower and head here")
     parser.add_argument("--load-stage1", type=Path, help="skip stage 1 and start from a saved one")
     args = parser.parse_args(argv)
+    args.examples = args.examples or args.out / "examples"
+    for folder in (args.out, args.examples):  # before hours of training, not after
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not args.force:
+            parser.exit(2, f"{parser.prog}: {folder} exists and is not empty; choose another --out / --examples, "
+                           "or add --force to replace it\n")
     recipe = Recipe(**{k: v for k, v in vars(args).items() if hasattr(defaults, k)})
 
     global STARTED
@@ -630,7 +636,7 @@ def main(argv: list[str] | None = None) -> None:
     report["tower_after_stage2"] = evaluate_tower(tower, head, object_head, processor, recipe)
     print(f"stage 2 done in {(time.time() - STARTED) / 60:.1f} min; val accuracy {report['val_accuracy']}", flush=True)
 
-    if args.out.exists():
+    if args.out.exists() and args.force:  # checked at the start: without --force it is new or empty
         shutil.rmtree(args.out)
     model.to(torch.float16).save_pretrained(args.out)
     processor.save_pretrained(args.out)
