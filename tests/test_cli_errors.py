@@ -124,7 +124,8 @@ def test_a_decompression_bomb_is_refused(files, capsys, monkeypatch):
     (["demo"], "gradio", "demo"), (["eval", "--limit", "1"], "lmms_eval", "eval"), (["tune"], "optuna", "tune"),
 ])
 def test_a_missing_extra_names_the_pip_install(argv, module, extra, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ModuleNotFoundError
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")] or [module]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import module(.sub)` now raises ModuleNotFoundError
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert call(argv) == 2
     err = capsys.readouterr().err.strip()

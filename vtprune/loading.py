@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .core.errors import VTPruneError
 
@@ -149,7 +149,9 @@ def read_image(path: str | Path) -> Image.Image:
         raise VTPruneError(f"image {str(path)!r} is a folder; give an image file")
     if path.stat().st_size == 0:
         raise VTPruneError(f"image {str(path)!r} is an empty file; give an image file")
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES  # lmms-eval sets it globally; a truncated file is still an error here
     try:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
@@ -164,6 +166,8 @@ def read_image(path: str | Path) -> Image.Image:
         raise VTPruneError(f"{str(path)!r} is not an image pillow can read; give a PNG, JPEG, WebP, ... file") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise VTPruneError(f"image {str(path)!r} is truncated or corrupt ({error}); give a complete image file") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 TEMPLATE_PARTS = re.compile(r"^\s*USER:\s*|\s*ASSISTANT:\s*$|<image>\s*")

@@ -34,6 +34,10 @@ KEEP_ALL = [
     ("cdpruner", {"keep": 1.0}),
     ("pyramiddrop", {"keep": 1.0, "layer_list": (1, 2)}),
     ("spatten", {"keep": 1.0}),
+    ("streamingllm", {"keep": 1.0, "key_positions": "original"}),  # slot positions are refused with M-RoPE
+    ("scissorhands", {"keep": 1.0}),
+    ("a2sf", {"keep": 1.0}),
+    ("ems", {"keep": 1.0}),
 ]
 REFUSED = {  # method -> (options, the reason in its error)
     "vtc-cls": ({}, r"\[CLS\] token"),
