@@ -135,3 +135,25 @@ def expanded_items(row_tokens: list[int], item_tokens: list[int], what: str = "i
             raise VTPruneError(f"the {what} tokens of rows {start}.. do not match whole encoded {what}s")
         out += items * repeats
     return out
+
+
+def transformers_classes(*names: str) -> tuple[type, ...]:
+    """The installed transformers' classes of these names (a version may lack some)."""
+    import transformers
+
+    return tuple(getattr(transformers, name) for name in names if hasattr(transformers, name))
+
+
+def qwen_model_info(family: str, language_model: Any, visual: Any, vision_config: Any) -> Any:
+    """ModelInfo of a Qwen-VL model: a merged-patch tower without [CLS] whose last block feeds the merger."""
+    from ..core.signals import ModelInfo
+
+    depth = len(visual.blocks)
+    return ModelInfo(
+        family=family,
+        llm_layers=len(language_model.layers),
+        vision_layers=depth,
+        vision_feature_layer=depth - 1,
+        vision_has_cls=False,
+        patch_size=vision_config.patch_size * vision_config.spatial_merge_size,  # pixels per side of one token
+    )

@@ -32,7 +32,17 @@ from ..core.adapter import Adapter, register_adapter
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout, VisualSpan
 from ..core.signals import ModelInfo, PrefillKV, Transitions
-from .common import call_arguments, continues_cache, expanded_items, kwarg, media_in_call, placeholder_mask, token_runs
+from .common import (
+    call_arguments,
+    continues_cache,
+    expanded_items,
+    kwarg,
+    media_in_call,
+    placeholder_mask,
+    qwen_model_info,
+    token_runs,
+    transformers_classes,
+)
 from .decoder import LLM_SIGNALS, DecoderCutter
 
 if TYPE_CHECKING:
@@ -94,13 +104,6 @@ class MRopeCutter(DecoderCutter):
         return rows, offset + torch.stack([dropped.sum(1), total, total, total])
 
 
-def _qwen_classes() -> tuple[type, ...]:
-    import transformers
-
-    names = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    return tuple(getattr(transformers, name) for name in names if hasattr(transformers, name))
-
-
 @register_adapter
 class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
@@ -109,7 +112,8 @@ class QwenVLAdapter(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return isinstance(model, _qwen_classes())
+        return isinstance(model, transformers_classes("Qwen2VLForConditionalGeneration",
+                                                        "Qwen2_5_VLForConditionalGeneration"))
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -117,17 +121,8 @@ class QwenVLAdapter(Adapter):
         self.language_model = model.model.language_model
         self.image_token_id = config.image_token_id
         self.video_token_id = config.video_token_id
-        vision = config.vision_config
-        self.merge = vision.spatial_merge_size
-        depth = len(model.model.visual.blocks)
-        self._info = ModelInfo(
-            family=self.family,
-            llm_layers=len(self.language_model.layers),
-            vision_layers=depth,
-            vision_feature_layer=depth - 1,
-            vision_has_cls=False,
-            patch_size=vision.patch_size * self.merge,  # pixels per side of one visual token
-        )
+        self.merge = config.vision_config.spatial_merge_size
+        self._info = qwen_model_info(self.family, self.language_model, model.model.visual, config.vision_config)
         self.cutter = MRopeCutter(self, self.language_model)
         self._is_image: Tensor | None = None
         self._grids: Tensor | None = None
@@ -136,7 +131,7 @@ class QwenVLAdapter(Adapter):
     def info(self) -> ModelInfo:
         return self._info
 
-    def attach(self, method: "Method", trace: "Trace") -> None:
+    def attach(self, method: Method, trace: Trace) -> None:
         self.hook(self.model.model.visual, self._on_vision)
         self.hook(self.model.model, self._on_model)
         self.cutter.attach(method, trace, method.requests(self.info))

@@ -45,8 +45,10 @@ from .common import (
     expanded_items,
     media_in_call,
     placeholder_mask,
+    qwen_model_info,
     swap_class,
     token_runs,
+    transformers_classes,
 )
 from .decoder import LLM_SIGNALS
 from .qwen2_vl import MRopeCutter
@@ -113,13 +115,6 @@ class DeepStackCutter(MRopeCutter):
         return wide[..., :width], segment
 
 
-def _qwen3_classes() -> tuple[type, ...]:
-    import transformers
-
-    names = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
-    return tuple(getattr(transformers, n) for n in names if hasattr(transformers, n))
-
-
 @register_adapter
 class Qwen3VLAdapter(Adapter):
     family = "qwen3-vl"
@@ -128,7 +123,8 @@ class Qwen3VLAdapter(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return isinstance(model, _qwen3_classes())
+        return isinstance(model, transformers_classes("Qwen3VLForConditionalGeneration",
+                                                        "Qwen3VLMoeForConditionalGeneration"))
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -137,17 +133,8 @@ class Qwen3VLAdapter(Adapter):
         self.language_model = self.inner.language_model
         self.image_token_id = config.image_token_id
         self.video_token_id = config.video_token_id
-        vision = config.vision_config
-        self.merge = vision.spatial_merge_size
-        depth = len(self.inner.visual.blocks)
-        self._info = ModelInfo(
-            family=self.family,
-            llm_layers=len(self.language_model.layers),
-            vision_layers=depth,
-            vision_feature_layer=depth - 1,
-            vision_has_cls=False,
-            patch_size=vision.patch_size * self.merge,  # pixels per side of one visual token
-        )
+        self.merge = config.vision_config.spatial_merge_size
+        self._info = qwen_model_info(self.family, self.language_model, self.inner.visual, config.vision_config)
         self.cutter = DeepStackCutter(self, self.language_model)
         self._masks: tuple[Tensor, Tensor] | None = None  # image / video placeholders of the current prefill
         self._grids: dict[str, Tensor | None] = {}  # grids of the current prefill
