@@ -55,6 +55,7 @@ def test_bench_writes_tables_and_plot_with_ratios_to_dense(tiny, tmp_path, capsy
         assert row["flops"] == pytest.approx(sum(layer_flops(n, *dims) for n in counts) / dense_flops)
         assert row["prefill"] > 0 and row["ttft"] > 0 and row["end_to_end"] > 0 and row["bound"] > 0
         assert row["overhead"] == pytest.approx(row["prefill"] / row["bound"])
+        assert row["schedule"] > 0 and row["over_schedule"] == pytest.approx(row["prefill"] / row["schedule"])
 
 
 def test_eval_runs_a_grid_through_lmms_eval_and_writes_one_table(tiny, tmp_path, capsys):

@@ -7,6 +7,9 @@ For every model shape, method and budget (rows), each a ratio to the dense model
   machine interference only ever adds time);
 - bound: the vision encoder plus the dense language model fed the pruned length (no scoring, no hooks): what a
   free cut at the LLM input would cost; overhead = prefill / bound;
+- schedule: the method's own cuts with nothing decided (`vtprune.eval.schedule`: each decoder layer run at the
+  length the method left there, indices fixed in advance, no signals, scoring or hooks); prefill / schedule is what
+  choosing the tokens and vtprune's compaction cost beyond the cuts themselves;
 - TTFT: `generate(max_new_tokens=1)`; end-to-end: `generate` of `--new-tokens` tokens (always that many);
 - peak memory during that `generate`, above the memory in use before it (CUDA: `torch.cuda.max_memory_allocated`;
   CPU: peak resident set size, see `vtprune.eval.memory`; measured after all timings, one run each);
@@ -38,6 +41,7 @@ from vtprune.core import VISUAL_TOKENS, budget_argument, make_at, method_class, 
 from .flops import llm_flops, visual_tokens_per_layer
 from .measure import cache_bytes
 from .memory import peak_memory_bytes
+from .schedule import layer_lengths, schedule_forward
 from .speed import median_seconds
 
 LLAVA_15_7B = "llava-1.5-7b"
@@ -125,6 +129,8 @@ class Row:
     prefill: float  # seconds for dense; ratio to dense otherwise (as every field below)
     bound: float | None
     overhead: float | None
+    schedule: float | None
+    over_schedule: float | None
     ttft: float
     end_to_end: float
     peak_memory: float | None
@@ -170,7 +176,7 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
     dims, layers = (text.hidden_size, text.intermediate_size), text.num_hidden_layers
     prompt = inputs["input_ids"].shape[1]
     dense = Config(model, inputs, None, args.new_tokens)
-    rows = [Row(name, "dense", None, None, None, 0.0, None, None, 0.0, 0.0, None,
+    rows = [Row(name, "dense", None, None, None, 0.0, None, None, None, None, 0.0, 0.0, None,
                 cache_bytes(dense.prefill()[0].cache), llm_flops([prompt] * layers, *dims))]
     grid = []
     for method_name, keep, method in args.grid:  # warm up, skip what this model refuses, count what is kept
@@ -182,13 +188,17 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
             args.skipped.append(f"{name} {method_name} keep={keep}")
             bar.update(3 * args.repeats + 1)
             continue
-        grid.append((method_name, keep, config))
         before, after = trace.visual_tokens(0)[0]
-        flops = llm_flops([prompt - before + n for n in visual_tokens_per_layer(trace, layers, forward=0)], *dims)
-        rows.append(Row(name, method_name, keep, before, after, 0.0, None, None, 0.0, 0.0, None,
+        if set(method.sites) & {"pre_llm", "llm_layer"}:
+            lengths = layer_lengths(prompt, before, visual_tokens_per_layer(trace, layers, forward=0))
+        else:  # a cache or attention site leaves the prefill's sequence whole
+            lengths = [prompt] * layers
+        grid.append((method_name, keep, config, tuple(lengths)))
+        flops = llm_flops(lengths, *dims)
+        rows.append(Row(name, method_name, keep, before, after, 0.0, None, None, None, None, 0.0, 0.0, None,
                         cache_bytes(out.cache) / rows[0].kv_cache, flops / rows[0].flops))
     rows[0].visual_before = rows[0].visual_after = rows[1].visual_before if len(rows) > 1 else None
-    configs = [dense] + [config for *_, config in grid]
+    configs = [dense] + [config for _, _, config, _ in grid]
     for config in configs:
         config.generate(1)
 
@@ -204,6 +214,8 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
             head(decoder(inputs_embeds=embeds[length]).last_hidden_state[:, -1:])
 
     bound_times: dict[int, list[float]] = {n: [] for n in lengths}
+    schedules = {lengths: schedule_forward(model, vision_inputs, list(lengths)) for *_, lengths in grid}
+    schedule_times: dict[tuple[int, ...], list[float]] = {lengths: [] for lengths in schedules}
     for _ in range(args.repeats):  # interleaved: drift on a busy machine hits every configuration alike
         for config in configs:
             for key, step in config.steps().items():
@@ -211,6 +223,8 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
                 bar.update(1)
         for length in lengths:
             bound_times[length].append(time_once(lambda: free_cut(length)))
+        for key, run in schedules.items():
+            schedule_times[key].append(time_once(run))
     for config in configs:  # after all timings: a peak-memory run each
         config.memory = peak_memory_bytes(lambda: config.generate(args.new_tokens), model.device)
         bar.update(1)
@@ -218,10 +232,12 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
     dense_row = rows[0]
     dense_row.prefill, dense_row.ttft = dense.best("prefill"), dense.best("ttft")
     dense_row.end_to_end, dense_row.peak_memory = dense.best("end_to_end"), dense.memory
-    for row, (*_, config) in zip(rows[1:], grid):
+    for row, (_, _, config, schedule) in zip(rows[1:], grid):
         row.prefill = config.best("prefill") / dense_row.prefill
         row.bound = min(bound_times[prompt - (row.visual_before - row.visual_after)]) / dense_row.prefill
         row.overhead = row.prefill / row.bound
+        row.schedule = min(schedule_times[schedule]) / dense_row.prefill
+        row.over_schedule = row.prefill / row.schedule
         row.ttft = config.best("ttft") / dense_row.ttft
         row.end_to_end = config.best("end_to_end") / dense_row.end_to_end
         row.peak_memory = config.memory / dense.memory if config.memory is not None and dense.memory else None
@@ -233,18 +249,20 @@ def markdown(rows: list[Row], new_tokens: int) -> str:
         return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     lines = [
-        f"| model | method | keep | visual tokens | prefill | bound | overhead | TTFT | end-to-end ({new_tokens} tok) "
-        "| peak memory | KV cache | FLOPs |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| model | method | keep | visual tokens | prefill | bound | overhead | schedule | prefill / schedule | TTFT "
+        f"| end-to-end ({new_tokens} tok) | peak memory | KV cache | FLOPs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if r.method == "dense":
             memory = "—" if r.peak_memory is None else f"{r.peak_memory / 2**20:.4g} MiB"
-            cells = [r.model, "dense", "—", num(r.visual_before), f"{r.prefill:.3f} s", "—", "—", f"{r.ttft:.3f} s",
+            cells = [r.model, "dense", "—", num(r.visual_before), f"{r.prefill:.3f} s", "—", "—", "—", "—",
+                     f"{r.ttft:.3f} s",
                      f"{r.end_to_end:.3f} s", memory, f"{r.kv_cache / 2**20:.4g} MiB", f"{r.flops / 1e9:.4g} GFLOPs"]
         else:
             cells = [r.model, r.method, num(r.keep), f"{r.visual_before} → {r.visual_after}", num(r.prefill),
-                     num(r.bound), num(r.overhead), num(r.ttft), num(r.end_to_end), num(r.peak_memory),
+                     num(r.bound), num(r.overhead), num(r.schedule), num(r.over_schedule), num(r.ttft),
+                     num(r.end_to_end), num(r.peak_memory),
                      num(r.kv_cache), num(r.flops)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
