@@ -249,8 +249,8 @@ def markdown(rows: list[Row], new_tokens: int) -> str:
         return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     lines = [
-        f"| model | method | keep | visual tokens | prefill | bound | overhead | schedule | prefill / schedule | TTFT "
-        f"| end-to-end ({new_tokens} tok) | peak memory | KV cache | FLOPs |",
+        (f"| model | method | keep | visual tokens | prefill | bound | overhead | schedule | prefill / schedule | TTFT "
+         f"| end-to-end ({new_tokens} tok) | peak memory | KV cache | FLOPs |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:

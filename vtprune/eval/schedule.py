@@ -10,7 +10,9 @@ that leaves the prefill whole (a KV-cache site) has the dense prefill as its sch
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from itertools import pairwise
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,7 +28,7 @@ def schedule_forward(model: Any, vision_inputs: dict, lengths: list[int]) -> Cal
     """A function running `model`'s vision encoder, then its decoder layers at `lengths` (one per layer, never
     growing), then the LM head on the last row: the schedule bound of a method whose trace gave `lengths`. It returns
     (last-row logits [1, 1, V], the cache) and keeps its random input in `run.hidden` ([1, lengths[0], D])."""
-    if any(b > a for a, b in zip(lengths, lengths[1:], strict=False)):
+    if any(b > a for a, b in pairwise(lengths)):
         raise ValueError(f"layer lengths must not grow: {lengths}")
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     layers = decoder.layers[: decoder.config.num_hidden_layers]
