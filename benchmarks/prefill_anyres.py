@@ -10,8 +10,7 @@ tokens (VisionZip's LLaVA-NeXT setting) plus 48 row ends in transformers' packin
 Rows (each a ratio to dense, fastest of `--repeats` interleaved runs; prefill = one forward, vision encoder included):
 - vflowopt at N: stage V only (vit_keep = N / 2928, llm_keep1 = llm_keep2 = 1: the LLM sees about N tokens from its
   first layer, plus the recycled ones);
-- visionzip at N: VisionZip's own anyres rule (5 views x N / 5); refused on LLaVA-NeXT until encoder-space merges can
-  name a tile (the row says so);
+- visionzip at N: VisionZip's own anyres rule (every view compressed on its own: 5 views x N / 5, no row ends);
 - bound: the vision encoder plus the dense language model fed the pruned length (no scoring, no hooks).
 """
 

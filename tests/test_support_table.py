@@ -109,6 +109,7 @@ SHORT = [  # (pattern in the error, what the docs cell says)
     (r"signal VisionAttention", "refused: no vision attention rows"),
     (r"1-D RoPE", 'refused: M-RoPE; use `key_positions="original"`'),
     (r"split into \d+ spans", "refused: an anyres image is several spans"),
+    (r"runs on single-grid images", "refused: single-grid images only"),
 ]
 
 

@@ -13,8 +13,7 @@ from tests.helpers_video import build_tiny_llava_next, build_tiny_next_video, bu
 
 BUILDERS = {"next": build_tiny_llava_next, "onevision": build_tiny_onevision, "next_video": build_tiny_next_video}
 NOT_ON_ANYRES = {  # methods these adapters refuse, and why
-    "visionzip": "merges encoder tokens by image index: no tiles, no pooled frames yet",
-    "vispruner": "needs ProjectorInput (pre-projector features), which these adapters do not offer yet",
+    "vispruner": "reads its [CLS] attention and features by image number: no tiles, no frames yet",
 }
 # grids differ here: pool keeps every cell with a ratio
 KEEP_EVERY_TOKEN = {
@@ -22,8 +21,9 @@ KEEP_EVERY_TOKEN = {
     "pool": dict(keep=1.0),
     "scope": dict(keep=1.0, features="projected"),  # its official features (ProjectorInput) are LLaVA-1.5 only
     "vflowopt": dict(keep=1.0),
+    "visionzip": dict(keep=1.0),  # every view (tile, frame) keeps all its patches: nothing merged
 }
-NEEDS_CLS = {"vtc-cls", "scope", "holov"}  # refused on towers without [CLS] (OneVision's SigLIP)
+NEEDS_CLS = {"vtc-cls", "scope", "holov", "visionzip"}  # refused on towers without [CLS] (OneVision's SigLIP)
 CASES = {  # name -> (model, images per sample (height, width), frames of the videos per sample)
     "next-wide-and-tall": ("next", [[(32, 48)], [(60, 40), (64, 64)]], None),
     "next-other-sizes": ("next", [[(20, 90), (50, 50)], [(33, 31)]], None),
@@ -200,9 +200,19 @@ def test_vtc_cls_is_refused_on_a_tower_without_cls(models):
 @pytest.mark.parametrize("name", sorted(NOT_ON_ANYRES))
 def test_methods_without_tiles_or_frames_are_refused(models, name):
     model = models["next"]
+    batch = media_batch(model, [[(32, 48)], [(64, 64)]])
+    with pytest.raises(vtprune.VTPruneError, match=f"{name} runs on single-grid images"):
+        with torch.no_grad(), vtprune.make(name)(model):
+            model(**batch)
+
+
+def test_onevision_offers_no_projector_input(models):
+    """OneVision pools frames and downsizes mosaics after its projector: encoder-space merges are refused up front
+    (here VisionZip on a CLIP tower, LongVA-like, which has a [CLS])."""
+    model = build_tiny_onevision(tower="clip")
     hooks = hooks_of(model)
-    with pytest.raises(vtprune.UnsupportedSignalError, match=f"method '{name}' needs the signal (Vision|ProjectorInput)"):
-        with vtprune.make(name)(model):
+    with pytest.raises(vtprune.UnsupportedSignalError, match="method 'visionzip' needs the signal ProjectorInput"):
+        with vtprune.make("visionzip", keep=4)(model):
             pass
     assert hooks_of(model) == hooks
 
@@ -217,11 +227,11 @@ def test_detach_removes_the_encoder_wrappers(models):
 
 
 def test_visionzip_without_encoder_merges_is_refused_on_anyres_layouts(models):
-    """merge_space="projected" needs no ProjectorInput, so the adapter accepts it; the plan refuses tiles it cannot
-    place rather than reading encoder inputs by image number."""
+    """merge_space="projected" needs no ProjectorInput, so the adapter accepts it; the plan refuses tiles whose tokens
+    it cannot build from the sequence (dominant patches that unpadding removed, every tile's [CLS])."""
     model = models["next"]
     batch = media_batch(model, [[(32, 48)], [(64, 64)]])
     method = vtprune.make("visionzip", keep=4, contextual=1, cls_token=False, merge_space="projected")
-    with pytest.raises(vtprune.VTPruneError, match="visionzip runs on single-grid images"):
+    with pytest.raises(vtprune.VTPruneError, match="use merge_space='encoder'"):
         with torch.no_grad(), method(model):
             model(**batch)

@@ -22,15 +22,16 @@ CASES = {  # model -> (builder, images per sample (height, width), frames of the
     "onevision": (build_tiny_onevision, [[(40, 70)], []], [[], [2]]),
     "next_video": (build_tiny_next_video, [[(32, 48)], []], [[2], [2]]),
 }
-KEEP_ALL = {  # visionzip is refused on this family (test_llava_next.py), so it is not here
+KEEP_ALL = {
     "random": dict(keep=1.0),
     "fastv": dict(keep=1.0, layer=1),
     "vtc-cls": dict(keep=1.0, start_layer=0),
     "gui-kv": dict(keep=1.0),
     "zipvl": dict(keep=1.0),
     "vflowopt": dict(keep=1.0),
+    "visionzip": dict(keep=1.0),
 }
-NEEDS_CLS = {"vtc-cls"}  # OneVision's SigLIP tower has no [CLS]
+NEEDS_CLS = {"vtc-cls", "visionzip"}  # OneVision's SigLIP tower has no [CLS]
 MODES = {
     "greedy": dict(do_sample=False),
     "sample": dict(do_sample=True, top_k=0),

@@ -132,16 +132,15 @@ def test_qwen_is_refused_without_cls():
         vtprune.make("scope", keep=4)(model)
 
 
-def test_llava_next_runs_the_projected_variant_per_tile():
-    """Official NeXT rule: the budget is split over the encoder inputs (base view, tiles): scope="tile", and the
-    official features (projector input) are refused where the adapter cannot give them."""
+@pytest.mark.parametrize("features", ["encoder", "projected"])
+def test_llava_next_runs_per_tile(features):
+    """Official NeXT rule: the budget is split over the encoder inputs (base view, tiles): scope="tile", with the
+    official features (the projector input, which the NeXT adapter gives per encoder input) or the projected ones."""
     from tests.helpers_video import build_tiny_llava_next, media_batch
 
     model = build_tiny_llava_next()
     batch = media_batch(model, [[(32, 48)], [(60, 40)]])
-    with pytest.raises(vtprune.UnsupportedSignalError, match="ProjectorInput"):
-        vtprune.make("scope", keep=3)(model)
-    with torch.no_grad(), vtprune.make("scope", keep=3, features="projected", scope="tile")(model) as trace:
+    with torch.no_grad(), vtprune.make("scope", keep=3, features=features, scope="tile")(model) as trace:
         model(**batch)
     layout = trace.forwards[0].layout
     for b, (before, after) in enumerate(trace.visual_tokens()):

@@ -143,3 +143,67 @@ def test_released_presets_run_on_onevision_images_and_videos(preset):
         n = record.layout.num_visual(b)
         assert site.visual_after < n  # stage V pruned (recycled tokens come back on top of the kept share)
         assert site.visual_after >= n - round(n * (1 - method.vit_keep)) - int(n / method.cell**2)
+
+
+# ------------------------- the method's stage V on the OneVision adapter's own layout, against the official outputs
+REFERENCE = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "reference" / "vflowopt_anyres"
+
+
+def onevision_384():
+    """A LLaVA-OneVision-shaped model at the release's geometry (SigLIP 384 px, 27 x 27 patches of 14, pinpoints
+    (1x1)..(6x6) x 384, anyres_max_9), tiny widths: only its packing (the layout) is used."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(image_size=384, patch_size=14, hidden_size=8, intermediate_size=16,
+                                num_hidden_layers=1, num_attention_heads=2)
+    text = Qwen2Config(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1)
+    pins = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=99, video_token_index=98,
+                                  image_grid_pinpoints=pins, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+    return LlavaOnevisionForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("name", ["anyres_768x576_2x2", "anyres_576x900_tall_keep50", "anyres_768x576_row_ends_pruned"])
+def test_stage_v_on_the_adapter_layout_is_the_release(name):
+    """The official maps placed through the OneVision adapter's layout (view / view_patch of every token) and the
+    method's stage V: the release's packed map, kept set, recycled positions and features (1e-5) and order.
+    (anyres_1536x1100_downsized is left out: there the layout maps a token to its nearest source patch, where the
+    release resizes the map bilinearly, so the maps differ by up to 0.05; the pure `anyres_importance` follows the
+    release, test_vflowopt.py.)"""
+    from types import SimpleNamespace
+
+    from vtprune.adapters.anyres import Encoded
+    from vtprune.adapters.llava_onevision import LlavaOnevisionAdapter
+    from vtprune.core import SiteContext
+    from vtprune.core.layout import VisualLayout, VisualSpan
+    from vtprune.methods.vflowopt import token_importance
+
+    ref = torch.load(REFERENCE / f"{name}.pt")
+    tiles_high, tiles_wide = ref["tiles_hw"].tolist()
+    adapter = LlavaOnevisionAdapter(onevision_384())
+    call = Encoded("image", [1 + tiles_high * tiles_wide], ref["image_size_hw"][None], "anyres_max_9")
+    spans, start = [], 0
+    for t in adapter.image_templates(call, 0)[0]:
+        spans.append(VisualSpan(image=0, start=start, patch_index=t.patch_index, grid=t.grid, kind=t.kind,
+                                view=t.view, view_patch=t.view_patch))
+        start += t.length
+    layout = VisualLayout(spans=[spans], seq_len=start)
+    maps = ref["maps"].float()
+    torch.testing.assert_close(token_importance(layout, 0, maps, 27), ref["packed_map"], atol=1e-7, rtol=0)
+    method = vtprune.make("vflowopt", vit_keep=float(ref["vit_keep"]), cell=float(ref["cell"]), llm_keep1=1.0,
+                          llm_keep2=1.0)
+    method.image_importance = lambda ctx: (maps, [])
+    info = SimpleNamespace(llm_layers=28, vision_has_cls=False)
+    plan = method.plan(SiteContext(site="pre_llm", layout=layout, signals={}, info=info))
+    kept = plan.keep[0]
+    assert torch.equal(kept, ref["kept"])
+    packed = ref["packed_features"]
+    output = packed[kept].clone()
+    rank = {slot: i for i, slot in enumerate(kept.tolist())}
+    for merge in plan.merges[0]:
+        output[rank[merge.slot]] = (merge.weights[:, None] * packed[merge.sources]).sum(dim=0)
+    changed = (output != packed[kept]).any(dim=1).nonzero().squeeze(1)
+    assert torch.equal(changed, ref["recycled"])
+    torch.testing.assert_close(output[changed], ref["recycled_features"], atol=1e-5, rtol=0)

@@ -114,3 +114,74 @@ def test_anyres_sequence_checks_the_tile_grid():
     selection = (torch.tensor([0]), torch.tensor([1]), [torch.tensor([2, 3])])
     with pytest.raises(vtprune.VTPruneError, match="3 tiles for a 2 x 2 tile grid"):
         anyres_sequence([selection] * 4, (2, 2), side=2)
+
+
+# ------------------------------------- the method's plan on a LLaVA-NeXT layout, against the same official outputs
+def anyres_layout(tiles_wide, tiles_high, side, cut_rows=0):
+    """One sample, one anyres image as LLaVA-NeXT lays it out: the base view (view 0), then the tile mosaic row by row
+    with a row end after every row; `cut_rows` mosaic rows removed at the top and at the bottom (unpadding)."""
+    from vtprune.core.layout import VisualLayout, VisualSpan
+
+    base = torch.arange(side * side)
+    rows = range(cut_rows, tiles_high * side - cut_rows)
+    width = tiles_wide * side
+    view, view_patch, patch_index = [], [], []
+    for i, r in enumerate(rows):
+        for c in range(width):
+            view.append(1 + (r // side) * tiles_wide + c // side)
+            view_patch.append((r % side) * side + c % side)
+            patch_index.append(i * width + c)
+        view.append(-1), view_patch.append(-1), patch_index.append(-1)
+    spans = [
+        VisualSpan(image=0, start=1, patch_index=base, grid=(side, side), kind="base",
+                   view=torch.zeros_like(base), view_patch=base.clone()),
+        VisualSpan(image=0, start=1 + side * side, patch_index=torch.tensor(patch_index), grid=(len(rows), width),
+                   kind="tiles", view=torch.tensor(view), view_patch=torch.tensor(view_patch)),
+    ]
+    return VisualLayout(spans=[spans], seq_len=2 + side * side + len(patch_index))
+
+
+def run_plan(ref, layout):
+    """The method's plan on the reference inputs, applied by hand: the LLM's image tokens [K, 8] (merges summed
+    over the views' encoder rows, other kept slots their own patch), in the plan's order."""
+    from types import SimpleNamespace
+
+    from vtprune.core import ClsAttention, SiteContext, VisionKeys
+
+    method = vtprune.make("visionzip", keep=int(ref["dominant"]) + int(ref["contextual"]),
+                          contextual=int(ref["contextual"]), layer=0)
+    info = SimpleNamespace(vision_has_cls=True, vision_feature_layer=0, family="llava_next")
+    signals = {ClsAttention(layers=(0,)): ref["cls_attention"][:, None], VisionKeys(layer=0): ref["metric"]}
+    ctx = SiteContext(site="pre_llm", layout=layout, signals=signals, info=info)
+    plan = method.plan(ctx)
+    plan.validate(layout)
+    view = torch.cat([s.view for s in layout.spans[0]])
+    patch = torch.cat([s.view_patch for s in layout.spans[0]])
+    merged = {m.slot: m for m in plan.merges[0]}
+    values = []
+    for slot in plan.order[0].tolist():
+        if slot in merged:
+            m = merged[slot]
+            values.append((m.weights[:, None] * ref["hidden"][m.view, m.sources]).sum(dim=0))
+        else:
+            assert patch[slot] >= 0  # a kept token that no merge writes is a patch, never a row end
+            values.append(ref["hidden"][view[slot], patch[slot] + 1])
+    return torch.stack(values), plan
+
+
+@pytest.mark.parametrize("name", ["next_2x2_d54_c10", "next_2wide_1high_d30_c6"])
+@pytest.mark.parametrize("cut_rows", [0, 5])
+def test_plan_on_a_next_layout_gives_the_official_sequence(name, cut_rows):
+    """Every view compressed on its own, the official order, no row ends; with unpadding (cut_rows) the dominant
+    patches the layout lost come back through encoder merges, so the sequence is the same (no unpadding, as released)."""
+    ref = torch.load(REFERENCE / f"{name}.pt")
+    tiles_wide, tiles_high = ref["tiles_wh"].tolist()
+    layout = anyres_layout(tiles_wide, tiles_high, 24, cut_rows)
+    values, plan = run_plan(ref, layout)
+    torch.testing.assert_close(values, ref["output"], atol=1e-5, rtol=0)
+    merged = plan.merges[0]
+    assert all(m.space == "encoder" and m.view is not None for m in merged)
+    cls_merges = [m for m in merged if m.sources.tolist() == [0]]
+    assert sorted(m.view for m in cls_merges) == list(range(1 + tiles_wide * tiles_high))  # every view's [CLS]
+    lost = [m for m in merged if m.sources.numel() == 1 and m.sources.tolist() != [0]]
+    assert bool(lost) == (cut_rows > 0)  # only unpadded-away dominant patches need a merge of one patch

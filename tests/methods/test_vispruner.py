@@ -122,13 +122,20 @@ def test_budget_beyond_the_image_is_refused(tiny_llava, batch):
     assert hooks_of(tiny_llava) == hooks
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda: build_tiny_qwen("qwen2-vl"), r"\[CLS\] token; the qwen2-vl tower has none"),
-    (build_tiny_llava_next, "needs the signal ProjectorInput"),
-])
-def test_models_without_its_signals_are_refused(build, message):
-    model = build()
+def test_models_without_its_signals_are_refused():
+    model = build_tiny_qwen("qwen2-vl")
     hooks = hooks_of(model)
-    with pytest.raises(vtprune.VTPruneError, match=message):
+    with pytest.raises(vtprune.VTPruneError, match=r"\[CLS\] token; the qwen2-vl tower has none"):
         vtprune.make("vispruner", keep=4)(model)
     assert hooks_of(model) == hooks
+
+
+def test_anyres_tiles_are_refused_by_the_plan():
+    """The LLaVA-NeXT adapter gives ProjectorInput per encoder input, but vispruner reads it by image number."""
+    from tests.helpers_video import media_batch
+
+    model = build_tiny_llava_next()
+    batch = media_batch(model, [[(32, 48)], [(64, 64)]])
+    with pytest.raises(vtprune.VTPruneError, match="vispruner runs on single-grid images"):
+        with torch.no_grad(), vtprune.make("vispruner", keep=4)(model):
+            model(**batch)

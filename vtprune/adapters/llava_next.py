@@ -9,9 +9,11 @@ Sites: `pre_llm`, `llm_layer`, `kv_cache`, `llm_attention`. Signals: `ClsAttenti
 pooled like their features, see `per_patch_signals`; patch axis padded to the largest input), `QueryAttention`,
 `PixelValues` (the encoder's inputs, in encoder order), `VisionAttention` and `VisionKeys` (per encoder input, in
 encoder order, unpooled: a method maps them to tokens through `span.view` / `span.view_patch`), `PrefillKV`,
-`Transitions`. Not offered: `ProjectorInput`: encoder-space merges (`Merge(space="encoder")`) are resolved by
-`span.image`, which on anyres layouts names an image of several encoder inputs, so VisionZip's and VisPruner's
-pre-projector merges cannot name a tile yet.
+`Transitions`, `ProjectorInput` (per encoder input, [CLS] first where the tower has one). For frames, whose features
+the model pools before the projector (LLaVA-NeXT-Video), `VisionKeys` and `ProjectorInput` are pooled like the
+features too (`pool_features`; [CLS] stays first), so a frame's encoder tokens are [CLS] and its pooled tokens, as
+`span.view_patch` numbers them; their token axis is padded to the longest input. Encoder-space merges name their
+encoder input (`Merge.view`).
 """
 
 from __future__ import annotations
@@ -78,13 +80,16 @@ class LlavaNextAdapter(AnyresLayout, Adapter):
     family = "llava_next"
     sites = frozenset({"pre_llm", "llm_layer", "kv_cache", "llm_attention"})
     signals = (
-        frozenset({ClsAttention, PixelValues, PrefillKV, Transitions, VisionAttention, VisionKeys})
+        frozenset({ClsAttention, PixelValues, PrefillKV, ProjectorInput, Transitions, VisionAttention, VisionKeys})
         | LLM_SIGNALS
     )
     model_class = "LlavaNextForConditionalGeneration"
     video_newline = False  # whether the model appends one newline token to every video
     # signals with one value per patch [inputs, ..., patches]: for frames they are pooled like the frames' features
     per_patch_signals: tuple[type, ...] = (ClsAttention,)
+    # signals with one row per encoder token [inputs, tokens, C] ([CLS] first where the tower has one): frames' patch
+    # rows are pooled like the features before the projector
+    per_token_signals: tuple[type, ...] = (VisionKeys, ProjectorInput)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -188,6 +193,15 @@ class LlavaNextAdapter(AnyresLayout, Adapter):
     def pool_tokens(self, x: Tensor) -> Tensor:
         raise VTPruneError(f"{self.family} has no video input")
 
+    def pool_features(self, x: Tensor) -> Tensor:
+        """[frames, patches, C] -> [frames, pooled, C]: frames' encoder features as the model pools them before its
+        projector."""
+        return self.pool_tokens(x)
+
+    def project(self, features: Tensor) -> Tensor:
+        """The model's projector on vision features [n, D_vision] -> language-model inputs [n, D_llm]."""
+        return self.inner.multi_modal_projector(features)
+
     # ------------------------------------------------------------------------------------------- layout
     def _on_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         arguments = call_arguments(module.forward, args, kwargs)
@@ -221,12 +235,19 @@ class LlavaNextAdapter(AnyresLayout, Adapter):
                     shape = value.shape
                     pooled = self.pool_tokens(value.reshape(shape[0], -1, shape[-1]).transpose(1, 2))  # [F, P', ...]
                     value = pooled.transpose(1, 2).reshape(*shape[:-1], -1)
+                elif isinstance(request, self.per_token_signals) and modality == "video":
+                    first = int(self._info.vision_has_cls)  # [CLS] row(s) stay in front, unpooled
+                    pool = self.pool_features if isinstance(request, ProjectorInput) else self.pool_tokens
+                    value = torch.cat([value[:, :first], pool(value[:, first:])], dim=1)
                 out.setdefault(request, []).append(value)
         signals = {}
         for request, parts in out.items():
             if isinstance(request, self.per_patch_signals):
                 width = max(p.shape[-1] for p in parts)
                 parts = [nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts]
+            elif isinstance(request, self.per_token_signals):
+                tokens = max(p.shape[1] for p in parts)
+                parts = [nn.functional.pad(p, (0, 0, 0, tokens - p.shape[1])) for p in parts]
             signals[request] = torch.cat(parts)
             if signals[request].shape[0] != self._views:
                 raise VTPruneError(

@@ -25,3 +25,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         stride = self.model.config.spatial_pool_stride
         grid = x.view(x.shape[0], self.side, self.side, -1).permute(0, 3, 1, 2)
         return nn.functional.avg_pool2d(grid, stride, stride).flatten(2).transpose(1, 2)
+
+    def pool_features(self, x: Tensor) -> Tensor:
+        """The resampler itself (a conv pool included): what the projector receives for every frame."""
+        return self.inner.vision_resampler(x)

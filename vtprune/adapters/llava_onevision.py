@@ -5,6 +5,8 @@ of multi-image prompts are encoded as one view each) and videos.
 Video: every frame's features are pooled to ceil(side/2)² tokens by the model's bilinear `apply_pooling` (2×2 means for
 an even grid), and one newline token ends every video (it closes the last frame's span). The SigLIP tower of the
 released checkpoints has no [CLS]: methods that need one (vtc-cls) are refused with a clear error.
+Not offered: `ProjectorInput`: the model pools frames and downsizes large mosaics after its projector, so a merge of
+encoder features would not give the tokens it replaces.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from ..core.adapter import register_adapter
+from ..core.signals import ProjectorInput
 from .llava_next import Encoded, LlavaNextAdapter
 
 
@@ -22,6 +25,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_class = "LlavaOnevisionForConditionalGeneration"
     video_newline = True
+    signals = LlavaNextAdapter.signals - {ProjectorInput}
 
     def views_per_image(self, image_sizes: Tensor, batch_num_images: Any) -> list[int]:
         """One view per image in prompts with several images (the model skips the tiles there), else base + tiles."""

@@ -21,12 +21,16 @@ class Merge:
     only, needs the `ProjectorInput` signal) they are token indices of the slot's image in the vision encoder's
     sequence ([CLS] first when the tower has one), combined before the projector, which then maps the result. A
     sequence merge with no source writes a zero token (HoloV feeds such tokens).
+
+    `view` (space="encoder" only) names the encoder input the sources belong to (its index in the encoder's batch, as
+    `VisualSpan.view` numbers them: an anyres tile, a base view, a frame); None: the slot's image (`span.image`).
     """
 
     slot: int
     sources: Tensor  # [m] long
     weights: Tensor  # [m] float
     space: str = "sequence"  # "sequence" | "encoder"
+    view: int | None = None  # space="encoder": the encoder input of the sources; None: the slot's image
 
 
 @dataclass
@@ -75,6 +79,9 @@ class KeepPlan:
                 sources = merge.sources
                 if sources.dim() != 1 or merge.weights.shape != sources.shape:
                     raise VTPruneError(f"merge into slot {merge.slot} of sample {b} needs [m] sources and [m] weights")
+                if merge.view is not None and (merge.space != "encoder" or merge.view < 0):
+                    raise VTPruneError(f"merge into slot {merge.slot} of sample {b} names an encoder input "
+                                       f"(view={merge.view}): only a space='encoder' merge can, with a view >= 0")
                 if not sources.numel() and merge.space != "sequence":  # no sequence source: a zero token
                     raise VTPruneError(f"encoder merge into slot {merge.slot} of sample {b} has no source")
                 if sources.numel() and merge.space == "sequence" and (int(sources.min()) < 0 or int(sources.max()) >= n):

@@ -26,7 +26,8 @@ class SiteRecord:
     kept: Tensor  # ordinals present after the cut (merged tokens sit at a kept ordinal)
     scores: Tensor | None = None  # [len(before)] the method's score of each token present before the cut
     # merged tokens: {"slot", "sources", "weights", "space"} in ordinals; for space "encoder" also "encoder_tokens"
-    # (the encoder's token indices), and "sources" holds -1 for a token that is no patch (e.g. [CLS])
+    # (the encoder's token indices), and "sources" holds -1 for a token that is no patch (e.g. [CLS]) or whose patch
+    # has no token in the layout; a merge that names its encoder input also has "view"
     merged: list[dict[str, Any]] = field(default_factory=list)
     cache_positions: Tensor | None = None  # kv_cache site: [H_c, C] positions (in the layer's sequence) each head kept
     notes: dict[str, Any] = field(default_factory=dict)  # what the method reported (KeepPlan.notes)
@@ -159,10 +160,19 @@ def merge_record(ctx: SiteContext, sample: int, merge: Merge) -> dict[str, Any]:
     record = {"slot": int(original[merge.slot]), "weights": merge.weights.float().cpu().tolist(), "space": merge.space}
     if merge.space == "sequence":
         return {**record, "sources": original[sources].tolist()}
+    patch = sources - int(ctx.info.vision_has_cls)
+    if merge.view is not None:  # the ordinal whose token is that patch of that encoder input (-1: none is)
+        lookup = torch.full((max(int(patch.max()) if patch.numel() else 0, 0) + 1,), -1, dtype=torch.long)
+        for span, sl in layout.ordinal_slices(sample):
+            view = span.view if span.view is not None else torch.full_like(span.patch_index, span.image)
+            view_patch = span.view_patch if span.view_patch is not None else span.patch_index
+            mine = (view == merge.view) & (span.patch_index >= 0) & (view_patch < lookup.numel())
+            lookup[view_patch[mine]] = original[sl][mine]
+        ordinals = torch.where(patch >= 0, lookup[patch.clamp(min=0)], torch.full_like(patch, -1))
+        return {**record, "sources": ordinals.tolist(), "encoder_tokens": sources.tolist(), "view": merge.view}
     span, sl = next((span, sl) for span, sl in layout.ordinal_slices(sample) if sl.start <= merge.slot < sl.stop)
     ordinal_of_patch = torch.full((span.grid[0] * span.grid[1],), -1, dtype=torch.long)
     is_patch = span.patch_index >= 0
     ordinal_of_patch[span.patch_index[is_patch]] = original[sl][is_patch]
-    patch = sources - int(ctx.info.vision_has_cls)
     ordinals = torch.where(patch >= 0, ordinal_of_patch[patch.clamp(min=0)], torch.full_like(patch, -1))
     return {**record, "sources": ordinals.tolist(), "encoder_tokens": sources.tolist()}

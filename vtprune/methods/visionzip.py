@@ -19,15 +19,19 @@ The trace's merged entries name every source (-1 stands for [CLS]).
 merge_space="projected" is an approximation offered as an option (never used silently): the same weights applied to
 the projected features, for adapters without `ProjectorInput`; it cannot carry [CLS], so it needs cls_token=False.
 
-LLaVA-NeXT anyres images (spec B4) are compressed view by view (`select_view`); `anyres_sequence` gives the official
-sequence of one image, checked against the official code's outputs: the base view as above, then the dominant
+LLaVA-NeXT family (spec B4): every encoder input (an anyres image's base view and each tile, a video frame) is
+compressed on its own by `select_view`, `keep` tokens each ([CLS] included). An anyres image gets the official
+sequence (`anyres_tokens`, checked against the official code's outputs): the base view as above, then the dominant
 patches of all tiles in raster order of the whole tile mosaic, then every tile's [CLS], then every tile's contextual
 tokens. Our choice, following the official code: no row-end (newline) tokens, and every patch of a tile is a candidate
-(no unpadding). The paper's LLaVA-NeXT results were measured this way, and row ends would not fit the budget: at the
-paper's 160 tokens for 5 views (32 per view) a 2 x 2 mosaic has up to 48 rows, more row ends than tile tokens. The
-LLaVA-NeXT adapters give the per-view [CLS] attention and keys, but an encoder-space merge cannot yet name the tile it
-reads (it is resolved through its slot's image), so the method runs on single-view images and refuses anyres and frame
-layouts.
+(no unpadding: a dominant patch that unpadding removed from the layout comes back through an encoder merge). The
+paper's LLaVA-NeXT results were measured this way, and row ends would not fit the budget: at the paper's 160 tokens
+for 5 views (32 per view) a 2 x 2 mosaic has up to 48 rows, more row ends than tile tokens. A video frame (pooled
+before the projector, LLaVA-NeXT-Video) is a single view on its pooled grid: [CLS], the dominant pooled tokens, the
+contextual tokens, from the adapter's pooled [CLS] attention, keys and projector input (our interpretation: the
+paper applies VisionZip per frame, on an encoder whose frames are not pooled). On these layouts every merge names its
+encoder input (`Merge.view`); tokens keep their own slot where the layout has one, the others take free slots of
+the same span (base view or tile mosaic), and the plan's `order` gives the sequence.
 """
 
 from __future__ import annotations
@@ -99,36 +103,87 @@ def contextual_token(view: int, target: Tensor, members: Tensor, offset: int = 1
     return view, sources, weights
 
 
-def anyres_sequence(selections: list[tuple[Tensor, Tensor, list[Tensor]]], tiles: tuple[int, int], side: int,
-                    cls_token: bool = True) -> list[tuple[int, Tensor, Tensor]]:
+def anyres_tokens(selections: list[tuple[Tensor, Tensor, list[Tensor]]], origins: list[tuple[int, int]], side: int,
+                  cls_token: bool = True) -> list[tuple[int, Tensor, Tensor]]:
     """The official LLaVA-NeXT sequence of one anyres image: per LLM token (view, encoder tokens, weights), its value
     being sum(weights * encoder features of `view` at those tokens) ([CLS] is token 0, patch p token p + 1).
 
-    selections: `select_view` of every view, base first, then the tiles row-major (tiles = (rows, cols) of tiles,
-    each side x side patches). Base: [CLS], dominant patches ascending, contextual tokens in target order. Tiles: the
-    dominant patches of all tiles in raster order of the (rows * side) x (cols * side) mosaic, padding included; then
-    each tile's [CLS]; then each tile's contextual tokens. No row ends.
+    selections: `select_view` of every view, base (view 0) first, then the tiles (views 1..T, each side x side
+    patches); origins: per tile, the mosaic (row, col) of its patch 0 (any constant shift of all origins gives the same
+    sequence). Base: [CLS], dominant patches ascending, contextual tokens in target order. Tiles: the dominant patches
+    of all tiles in raster order of the whole mosaic, padding included; then each tile's [CLS]; then each tile's
+    contextual tokens. No row ends.
     """
+    if len(origins) != len(selections) - 1:
+        raise VTPruneError(f"visionzip anyres: {len(selections) - 1} tiles but {len(origins)} tile origins")
     one = torch.ones(1)
     base_top, base_targets, base_members = selections[0]
     out = [(0, torch.tensor([0]), one)] if cls_token else []
     out += [(0, torch.tensor([int(p) + 1]), one) for p in base_top]
     out += [contextual_token(0, t, m) for t, m in zip(base_targets, base_members)]
-    rows, cols = tiles
-    if len(selections) != 1 + rows * cols:
-        raise VTPruneError(f"visionzip anyres: {len(selections) - 1} tiles for a {rows} x {cols} tile grid")
-    dominant = []  # (mosaic raster index, view, patch)
-    for tile, (top, _, _) in enumerate(selections[1:]):
-        tile_row, tile_col = divmod(tile, cols)
+    dominant = []  # (mosaic row, mosaic col, view, patch)
+    for tile, ((top, _, _), (row, col)) in enumerate(zip(selections[1:], origins)):
         for p in top.tolist():
-            raster = (tile_row * side + p // side) * (cols * side) + tile_col * side + p % side
-            dominant.append((raster, 1 + tile, p))
-    out += [(view, torch.tensor([p + 1]), one) for _, view, p in sorted(dominant)]
+            dominant.append((row + p // side, col + p % side, 1 + tile, p))
+    out += [(view, torch.tensor([p + 1]), one) for _, _, view, p in sorted(dominant)]
     if cls_token:
-        out += [(1 + tile, torch.tensor([0]), one) for tile in range(rows * cols)]
+        out += [(1 + tile, torch.tensor([0]), one) for tile in range(len(origins))]
     for tile, (_, targets, members) in enumerate(selections[1:]):
         out += [contextual_token(1 + tile, t, m) for t, m in zip(targets, members)]
     return out
+
+
+def anyres_sequence(selections: list[tuple[Tensor, Tensor, list[Tensor]]], tiles: tuple[int, int], side: int,
+                    cls_token: bool = True) -> list[tuple[int, Tensor, Tensor]]:
+    """`anyres_tokens` for tiles = (rows, cols) of tiles, row-major (the official grid, no unpadding)."""
+    rows, cols = tiles
+    if len(selections) != 1 + rows * cols:
+        raise VTPruneError(f"visionzip anyres: {len(selections) - 1} tiles for a {rows} x {cols} tile grid")
+    origins = [(r * side, c * side) for r in range(rows) for c in range(cols)]
+    return anyres_tokens(selections, origins, side, cls_token)
+
+
+def view_tokens(selection: tuple[Tensor, Tensor, list[Tensor]], cls_token: bool = True) -> list[tuple[int, Tensor, Tensor]]:
+    """One view's sequence (LLaVA-1.5 layout): [CLS], dominant patches ascending, contextual tokens; as `anyres_tokens`."""
+    top, targets, members = selection
+    one = torch.ones(1)
+    out = [(0, torch.tensor([0]), one)] if cls_token else []
+    out += [(0, torch.tensor([int(p) + 1]), one) for p in top]
+    return out + [contextual_token(0, t, m) for t, m in zip(targets, members)]
+
+
+def place_tokens(tokens: list[tuple[int, Tensor, Tensor]], views: list[int], token_of: dict[tuple[int, int], int],
+                 ordinals: Tensor) -> tuple[list[int], list[Merge]]:
+    """Slots for a span's tokens (`anyres_tokens` / `view_tokens`, local views mapped to encoder inputs by `views`).
+
+    token_of: (encoder input, encoder token) -> ordinal of the span's token showing it; ordinals: the span's ordinals.
+    A token that is one encoder token with weight 1 keeps that token's own slot; a merged token takes its first
+    source's slot when free, else the lowest free slot of the span. Returns (slot per token, in sequence order; merges).
+    """
+    slots: list[int | None] = [None] * len(tokens)
+    used: set[int] = set()
+    plain = [len(s) == 1 and float(w[0]) == 1.0 for _, s, w in tokens]
+    for rule in ("plain", "first source"):
+        for i, (view, sources, _) in enumerate(tokens):
+            if slots[i] is not None or (rule == "plain") != plain[i]:
+                continue
+            own = token_of.get((views[view], int(sources[0])))
+            if own is not None and own not in used:
+                slots[i] = own
+                used.add(own)
+    free = iter(o for o in ordinals.tolist() if o not in used)
+    merges = []
+    for i, (view, sources, weights) in enumerate(tokens):
+        if slots[i] is None:
+            slots[i] = next(free, None)
+            if slots[i] is None:
+                raise VTPruneError(
+                    f"visionzip: {len(tokens)} tokens do not fit the {ordinals.numel()} tokens of an encoder input's "
+                    "span; lower keep"
+                )
+        if not (plain[i] and token_of.get((views[view], int(sources[0]))) == slots[i]):
+            merges.append(Merge(slot=slots[i], sources=sources, weights=weights, space="encoder", view=views[view]))
+    return slots, merges
 
 
 @register
@@ -176,10 +231,7 @@ class VisionZip(Method):
         keys = ctx.signals[VisionKeys(layer=layer)].cpu()  # [N, T, d]
         layout = ctx.layout
         if any(span.view is not None for spans in layout.spans for span in spans):
-            raise VTPruneError(
-                "visionzip runs on single-grid images; anyres tiles and video frames need its merges to name an "
-                "encoder input (the LLaVA-NeXT family's per-view rule, `anyres_sequence`, is not wired yet)"
-            )
+            return self._view_plan(ctx, dominance, keys)
         keep, order, merges, scores = [], [], [], []
         for b in range(layout.batch_size):
             kept, ordered, sample_merges = [], [], []
@@ -233,3 +285,87 @@ class VisionZip(Method):
             merges.insert(0, Merge(slot=carrier, sources=torch.tensor([0]), weights=torch.ones(1), space="encoder"))
             sequence = torch.cat([torch.tensor([carrier]), sequence])
         return torch.sort(sequence).values, sequence, merges
+
+    def _split(self, patches: int, what: str) -> tuple[int, int, int]:
+        """(tokens, dominant patches, contextual tokens) of one encoder input of `patches` patches."""
+        total = keep_count(self.keep, patches, what=what)
+        contextual = round(total * CONTEXTUAL_SHARE) if self.contextual is None else self.contextual
+        dominant = total - contextual - int(self.cls_token)
+        if dominant < 0:
+            raise VTPruneError(f"visionzip keep={total} leaves no room for [CLS] and {contextual} contextual tokens")
+        return total, dominant, contextual
+
+    def _view_plan(self, ctx: SiteContext, dominance: Tensor, keys: Tensor) -> KeepPlan:
+        """The LLaVA-NeXT family: anyres images (base span + tiles span) and frames, every encoder input on its own."""
+        if self.merge_space != "encoder":
+            raise VTPruneError("visionzip on anyres tiles and video frames merges encoder features: use "
+                               "merge_space='encoder' (the adapter gives ProjectorInput)")
+        layout = ctx.layout
+        keep, order, merges, scores = [], [], [], []
+        for b in range(layout.batch_size):
+            slices = layout.ordinal_slices(b)
+            score = torch.zeros(layout.num_visual(b))
+            for span, sl in slices:
+                patch = span.patch_index >= 0
+                score[torch.arange(sl.start, sl.stop)[patch]] = dominance[span.view[patch], span.view_patch[patch]]
+            scores.append(score)
+            kept, ordered, sample_merges = [], [], []
+            i = 0
+            while i < len(slices):
+                span, sl = slices[i]
+                if span.kind == "base" and i + 1 < len(slices) and slices[i + 1][0].kind == "tiles":
+                    groups = [slices[i], slices[i + 1]]
+                    i += 2
+                elif span.kind == "frame":
+                    groups = [slices[i]]
+                    i += 1
+                else:
+                    raise VTPruneError(f"visionzip: image {span.image} is a {span.kind!r} span; it compresses anyres "
+                                       "images (base view and tiles) and video frames")
+                slots, image_merges = self._group_plan(groups, dominance, keys)
+                kept += slots
+                ordered += slots
+                sample_merges += image_merges
+            keep.append(torch.sort(torch.tensor(kept, dtype=torch.long)).values)
+            order.append(torch.tensor(ordered, dtype=torch.long))
+            merges.append(sample_merges)
+        return KeepPlan(keep=keep, scores=scores, merges=merges, order=order)
+
+    def _group_plan(self, spans: list[tuple[Any, slice]], dominance: Tensor, keys: Tensor) -> tuple[list[int], list[Merge]]:
+        """Slots in sequence order and merges of one anyres image ([base, tiles] spans) or one frame ([frame])."""
+        first, _ = spans[0]
+        patches = first.grid[0] * first.grid[1]
+        views = []  # encoder inputs: the base view / frame, then the tiles in encoder order
+        for span, _ in spans:
+            views += sorted(set(span.view[span.patch_index >= 0].tolist()) - set(views))
+        total, dominant, contextual = self._split(patches, f"encoder input {views[0]} (image {first.image})")
+        if total == patches:  # every view keeps all its patches: nothing is merged, the image stays as it is
+            return [o for _, sl in spans for o in range(sl.start, sl.stop)], []
+        selections = [select_view(dominance[v, :patches], keys[v], dominant, contextual) for v in views]
+        slots, merges = [], []
+        if first.kind == "frame":
+            parts = [(view_tokens(selections[0], self.cls_token), spans[0])]
+        else:
+            tiles, tiles_sl = spans[1]
+            width = tiles.grid[1]
+            side = first.grid[1]
+            origins = []
+            for view in views[1:]:  # the mosaic (row, col) of the tile's patch 0, from any token of the tile
+                at = int(((tiles.view == view) & (tiles.patch_index >= 0)).nonzero()[0, 0])
+                index, own = int(tiles.patch_index[at]), int(tiles.view_patch[at])
+                origins.append((index // width - own // side, index % width - own % side))
+            tokens = anyres_tokens(selections, origins, side, self.cls_token)
+            base_count = int(self.cls_token) + selections[0][0].numel() + selections[0][1].numel()
+            parts = [(tokens[:base_count], spans[0]), (tokens[base_count:], spans[1])]
+        for part, (span, sl) in parts:
+            if not part:
+                continue
+            local = views if first.kind != "frame" else views[:1]
+            patch = span.patch_index >= 0
+            ordinals = torch.arange(sl.start, sl.stop)
+            token_of = {(int(v), int(p) + 1): int(o) for v, p, o in
+                        zip(span.view[patch], span.view_patch[patch], ordinals[patch])}
+            part_slots, part_merges = place_tokens(part, local, token_of, ordinals)
+            slots += part_slots
+            merges += part_merges
+        return slots, merges

@@ -84,6 +84,9 @@ class VisPruner(Method):
         patches = attention.shape[-1]
         features = ctx.signals[features_request][:, -patches:]  # [images, P, C] ([CLS] row dropped)
         layout = ctx.layout
+        if any(span.view is not None for spans in layout.spans for span in spans):
+            raise VTPruneError("vispruner runs on single-grid images (LLaVA-1.5); anyres tiles and video frames are not "
+                               "wired (its [CLS] attention and features are read by image number)")
         keep, important = [], []
         for b in range(layout.batch_size):
             kept, chosen = [], []

@@ -324,7 +324,8 @@ class DecoderCutter:
         return hidden, Segment(start, mask2d, positions, offset, segment.prompt_length)
 
     def _encoder_merge(self, ctx: SiteContext, hidden: Tensor, merges_per_sample: list[list[Merge]]) -> Tensor:
-        """Write merges of encoder tokens into their slots: projector(sum(weights * projector input rows))."""
+        """Write merges of encoder tokens into their slots: projector(sum(weights * projector input rows)), the rows of
+        the merge's `view` (an encoder input) or, without one, of its slot's image."""
         features = ctx.signals.get(ProjectorInput())
         project = getattr(self.adapter, "project", None)
         if ctx.site != "pre_llm" or features is None or project is None:
@@ -343,7 +344,10 @@ class DecoderCutter:
                     raise VTPruneError(f"encoder merge sources must lie in 0..{features.shape[1] - 1}")
                 batch.append(b)
                 slot.append(int(positions[merge.slot]))
-                rows.append(int(image_of[merge.slot]) * features.shape[1] + tokens)
+                view = int(image_of[merge.slot]) if merge.view is None else merge.view
+                if view >= features.shape[0]:
+                    raise VTPruneError(f"encoder merge names encoder input {view}; the encoder saw {features.shape[0]}")
+                rows.append(view * features.shape[1] + tokens)
                 weights.append(merge.weights.float().cpu())
                 segment.append(torch.full((tokens.numel(),), len(slot) - 1))
         flat = features.reshape(-1, features.shape[-1])
