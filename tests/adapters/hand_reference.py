@@ -17,8 +17,8 @@ from torch import Tensor
 from tests.adapters.qwen_builders import IMAGE as QWEN_IMAGE
 from tests.adapters.test_qwen2_vl import hand_positions
 from tests.helpers import IMAGE_TOKEN
-from tests.methods.references import qwen_input_embeddings
 from tests.methods.pre_llm_reference import image_embeddings
+from tests.methods.references import qwen_input_embeddings
 
 
 def is_qwen(model) -> bool:

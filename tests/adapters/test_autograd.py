@@ -20,7 +20,11 @@ from tests.adapters.hand_reference import (
     site_of,
     write_merges,
 )
-from tests.adapters.qwen_builders import build_qwen_processor, build_tiny_qwen, two_screenshot_batch
+from tests.adapters.qwen_builders import (
+    build_qwen_processor,
+    build_tiny_qwen,
+    two_screenshot_batch,
+)
 from tests.helpers import build_tiny_llava, padded_batch
 
 CASES = {  # method -> (options, cut layer)

@@ -22,7 +22,11 @@ from tests.adapters.hand_reference import (
     sample,
     site_of,
 )
-from tests.adapters.qwen_builders import build_qwen_processor, build_tiny_qwen, two_screenshot_batch
+from tests.adapters.qwen_builders import (
+    build_qwen_processor,
+    build_tiny_qwen,
+    two_screenshot_batch,
+)
 from tests.helpers import build_tiny_llava, padded_batch
 
 METHODS = {"random": (dict(keep=3, seed=4), 0), "fastv": (dict(keep=3, layer=1), 1)}  # options, cut layer

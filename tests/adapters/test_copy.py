@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.core.adapter import _inert
 from tests.helpers import hooks_of
 from tests.helpers_video import build_tiny_llava_next, build_tiny_onevision, media_batch
+from vtprune.core.adapter import _inert
 
 CASES = {  # model -> (builder, images per sample, videos per sample)
     "next": (build_tiny_llava_next, [[(32, 48)], [(60, 40), (64, 64)]], None),
