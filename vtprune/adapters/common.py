@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -81,6 +81,12 @@ def token_runs(row: Any) -> list[tuple[int, int]]:
     return [(int(run[0]), int(run[-1]) + 1) for run in torch.tensor_split(positions, breaks)]
 
 
+def reconstruct(constructor: Callable[..., Any], *args: Any) -> Any:
+    """`constructor(*args)`, for a `__reduce_ex__` that must hand pickle copyreg.__newobj__ of a class other than the
+    object's own (pickle refuses that when __newobj__ is named directly)."""
+    return constructor(*args)
+
+
 def swap_class(obj: Any, overrides: dict[str, Any], adapter: Any) -> type:
     """Give `obj` a subclass of its class with `overrides` (methods, properties) until the adapter detaches.
 
@@ -92,7 +98,8 @@ def swap_class(obj: Any, overrides: dict[str, Any], adapter: Any) -> type:
     def __reduce_ex__(self: Any, protocol: int) -> Any:
         reduced = object.__reduce_ex__(self, protocol)
         if isinstance(reduced, tuple) and len(reduced) > 1 and reduced[1] and reduced[1][0] is type(self):
-            return (reduced[0], (original, *reduced[1][1:]), *reduced[2:])
+            # pickle insists that copyreg.__newobj__'s class be the object's own: call it through `reconstruct`
+            return (reconstruct, (reduced[0], original, *reduced[1][1:]), *reduced[2:])
         return reduced
 
     namespace = {**overrides, "__reduce_ex__": __reduce_ex__, "__module__": original.__module__}

@@ -7,6 +7,7 @@ a time: entering a second one (nested, or from another thread) is refused with a
 
 from __future__ import annotations
 
+import threading
 import weakref
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 _ACTIVE: ContextVar[tuple["Session", ...]] = ContextVar("vtprune_active_sessions", default=())
 _OPEN: "weakref.WeakKeyDictionary[Any, Session]" = weakref.WeakKeyDictionary()  # model -> its open session
+_OPEN_LOCK = threading.Lock()  # two threads entering sessions on one model at once: exactly one wins
 
 
 class Session:
@@ -39,18 +41,20 @@ class Session:
         return self in _ACTIVE.get()
 
     def __enter__(self) -> Trace:
-        holder = _OPEN.get(self.model)
-        if holder is not None:
-            raise VTPruneError(
-                f"this {type(self.model).__name__} already has a vtprune session open ({holder.method!r}); close it "
-                "before opening another (one session per model; other threads meanwhile see the dense model)"
-            )
-        _OPEN[self.model] = self
+        with _OPEN_LOCK:
+            holder = _OPEN.get(self.model)
+            if holder is not None:
+                raise VTPruneError(
+                    f"this {type(self.model).__name__} already has a vtprune session open ({holder.method!r}); close "
+                    "it before opening another (one session per model; other threads meanwhile see the dense model)"
+                )
+            _OPEN[self.model] = self
         try:
             self.adapter.attach(self.method, self.trace)
         except BaseException:
             self.adapter.detach()
-            del _OPEN[self.model]
+            with _OPEN_LOCK:
+                del _OPEN[self.model]
             raise
         self._token = _ACTIVE.set(_ACTIVE.get() + (self,))
         return self.trace
@@ -64,5 +68,6 @@ class Session:
             try:
                 self.adapter.detach()
             finally:
-                _OPEN.pop(self.model, None)
+                with _OPEN_LOCK:
+                    _OPEN.pop(self.model, None)
         return False

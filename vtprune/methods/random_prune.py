@@ -31,6 +31,10 @@ class RandomPrune(EncoderCut, Method):
         check_scope(self.scope, self.name)
 
     def plan(self, ctx: SiteContext) -> KeepPlan:
-        generator = torch.Generator().manual_seed(self.seed)
-        scores = [torch.rand(ctx.layout.num_visual(b), generator=generator) for b in range(ctx.layout.batch_size)]
+        # one draw per sample from the seed alone: a sample keeps the same tokens whatever its batch, and the rows
+        # generate() repeats for beam search (or several return sequences) all see the same pruned prompt
+        scores = [
+            torch.rand(ctx.layout.num_visual(b), generator=torch.Generator().manual_seed(self.seed))
+            for b in range(ctx.layout.batch_size)
+        ]
         return keep_top(ctx.layout, scores, self.keep, self.scope)

@@ -33,6 +33,7 @@ from ...kernels import apply_cut
 from ..common import cache_argument, kwarg
 from .cache import PrunedLayer, Segment, pruned_layer
 from .cache_site import CacheSite
+from .labels import LabelLoss, follow_cut
 from .layer_signals import AFTER_CUT, BEFORE_CUT, plan_requests
 from .layer_signals import compute as compute_layer_signal
 from .sparse_site import SparseAttention
@@ -85,6 +86,7 @@ class DecoderCutter:
                 raise VTPruneError(f"method {method.name!r} cuts at the kv_cache site and must request one PrefillKV")
             self.cache_site = CacheSite(self, kv_requests[0])
         self.adapter.hook(self.lm, self._on_language_model)
+        LabelLoss(self).attach()  # labels= in a forward: the loss over the kept sequence
         if "llm_attention" in self.sites:  # per-layer attention among the tokens the method marks important
             SparseAttention(self).attach()
         for index in range(n_layers):  # every layer's cache becomes a PrunedLayer of its segment
@@ -321,6 +323,7 @@ class DecoderCutter:
             cut, hidden, positions, segment.mask2d, encoder_merge=lambda x, merges: self._encoder_merge(ctx, x, merges)
         )
         state.layout = cut.layout
+        state.source = follow_cut(state.source, cut, ctx.layout.seq_len)
         return hidden, Segment(start, mask2d, positions, offset, segment.prompt_length)
 
     def _encoder_merge(self, ctx: SiteContext, hidden: Tensor, merges_per_sample: list[list[Merge]]) -> Tensor:

@@ -33,7 +33,7 @@ from ...core.cut import left_padded_index
 from ...core.errors import VTPruneError
 from ...core.sparse import AttentionContext
 from ...core.trace import SiteRecord
-from ..common import cache_argument
+from ..common import cache_argument, reconstruct
 from .compressed import Block, CompressedLayer
 
 if TYPE_CHECKING:
@@ -55,12 +55,20 @@ def _sparse_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     return controller.attend(module, index, query, key, value, scaling)
 
 
+def _reduce_as(obj: Any, protocol: int) -> Any:
+    """`obj`'s reduction, made acceptable to pickle for another object (the proxy, whose class differs)."""
+    reduced = obj.__reduce_ex__(protocol)
+    if isinstance(reduced, tuple) and len(reduced) > 1:
+        return (reconstruct, (reduced[0], *reduced[1]), *reduced[2:])
+    return reduced
+
+
 def config_proxy(config: Any, attention: str) -> Any:
     """A copy of `config` whose attention implementation is `attention`; copied or pickled, it is `config` again."""
     cls = type(config)
     proxy_class = type(cls.__name__, (cls,), {
         "__deepcopy__": lambda self, memo: copy.deepcopy(config, memo),
-        "__reduce_ex__": lambda self, protocol: config.__reduce_ex__(protocol),
+        "__reduce_ex__": lambda self, protocol: _reduce_as(config, protocol),
     })
     proxy = copy.copy(config)
     proxy.__class__ = proxy_class

@@ -26,6 +26,7 @@ class Prefill:
     layer_input: Tensor | None = None  # the input of the decoder layer running now (kv_cache site)
     attention_transition: tuple[Tensor, Tensor] | None = None  # (ratio, cosine) of the attention module just run
     prepared: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # segment start -> (layer mask, RoPE)
+    source: Tensor | None = None  # [B, L'] caller's position behind every slot after the cuts (labels.follow_cut)
 
     def segment_at(self, layer: int) -> Segment:
         """The segment decoder layer `layer` belongs to."""
