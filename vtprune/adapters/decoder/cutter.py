@@ -6,6 +6,9 @@ The language model is never forked. Forward pre-hooks on the language model and 
   entry becomes a `PrunedLayer` of its segment (see `cache.py`);
 - while decoding, give every layer a mask as long as its own cache and the positions its segment asks for, read from
   the cache itself, so beam search, assisted decoding and continuing from a returned cache keep them right.
+Under a StaticCache the layers become `PrunedStaticLayer`s (same logical lengths and mask offsets over a fixed buffer),
+the 2-D padding mask is read back from the 4-D mask generate() prepares (`padding_mask`), and the llm_attention site
+is refused (its compressed blocks do not fit a fixed buffer).
 
 Positions: "renumber" gives kept tokens contiguous positions (a token moves back by the number of visual tokens dropped
 before it); "original" keeps every token's position, leaving gaps. Decoding continues, per segment, at the incoming
