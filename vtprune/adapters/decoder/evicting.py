@@ -6,7 +6,8 @@ module runs after the attention (which saw every entry of the cache, the new tok
 every decode step. It recomputes the query rows the policy needs from the layer's own q projection and RoPE (no eager
 attention: the model keeps running with SDPA / FlashAttention), hands the policy each sample's real entries
 (post-RoPE keys, padding removed), writes the policy's merges (EMS) and keeps the slots it keeps. The layer's cache is
-then an `EvictingLayer`: each sample's entries right-aligned, left-padded to the longest sample; its own `Segment`
+then an `EvictingLayer` (under a StaticCache an `EvictingStaticLayer`, the entries at its first slots): each sample's
+entries right-aligned, left-padded to the longest sample; its own `Segment`
 carries that padding mask (`mask2d`) and the tokens seen (`prompt_length`), so the cutter gives the next call a mask as
 long as the layer's physical cache, and `get_seq_length()` stays the logical length generate() slices inputs by.
 
