@@ -49,10 +49,11 @@ def models():
     return {name: (build(), build_batch) for name, (build, *build_batch) in CASES.items()}
 
 
-def run(model, batch, mode):
+def run(model, batch, mode, **options):
     torch.manual_seed(0)
     out = model.generate(
-        **batch, max_new_tokens=3, return_dict_in_generate=True, output_scores=True, output_logits=True, **MODES[mode]
+        **batch, max_new_tokens=3, return_dict_in_generate=True, output_scores=True, output_logits=True, **MODES[mode],
+        **options,
     )
     return out.sequences, torch.stack(out.scores, 1), torch.stack(out.logits, 1)
 
@@ -147,3 +148,40 @@ def test_vflowopt_batched_generate_equals_each_sample_alone(models, kind):
             alone = [run(model, sample_alone(batch, images, videos, b), mode)[0][:, -3:] for b in range(2)]
         assert torch.equal(together, torch.cat(alone)), mode
         assert all(after < before for before, after in trace.visual_tokens(0)), mode
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_static_cache_keep_all_equals_dense_and_a_budget_equals_the_dynamic_cache(models, kind):
+    """generate(cache_implementation="static"), greedy and beam search: keep=1.0 equals the dense model's static-cache
+    generate; a real budget (before the LLM, inside it, on the cache) equals the same method with the DynamicCache;
+    the llm_attention site (zipvl) is refused in one line."""
+    model, (images, videos) = models[kind]
+    batch = media_batch(model, images, videos)
+    has_cls = vtprune.core.adapter_for(model)(model).info.vision_has_cls
+    static = dict(cache_implementation="static")
+    budgets = [("random", dict(keep=3)), ("fastv", dict(keep=3, layer=1)), ("gui-kv", dict(keep=0.5))]
+    with torch.no_grad():
+        for mode in ("greedy", "beam"):
+            dense = run(model, batch, mode, **static)
+            for name, options in sorted(KEEP_ALL.items()):
+                if name in NEEDS_CLS and not has_cls:
+                    continue
+                if name == "zipvl":
+                    with pytest.raises(vtprune.VTPruneError, match="StaticCache") as refusal:
+                        with vtprune.make(name, **options)(model):
+                            run(model, batch, mode, **static)
+                    assert "\n" not in str(refusal.value)
+                    continue
+                with vtprune.make(name, **options)(model):
+                    got = run(model, batch, mode, **static)
+                assert torch.equal(got[0], dense[0]), (name, mode)
+                for got_part, dense_part in zip(got[1:], dense[1:]):
+                    torch.testing.assert_close(got_part, dense_part, atol=1e-5, rtol=0, msg=f"{name} {mode}")
+            for name, options in budgets:
+                with vtprune.make(name, **options)(model):
+                    dynamic = run(model, batch, mode)
+                with vtprune.make(name, **options)(model):
+                    pruned = run(model, batch, mode, **static)
+                assert torch.equal(pruned[0], dynamic[0]), (name, mode)
+                torch.testing.assert_close(pruned[2], dynamic[2], atol=1e-5, rtol=0, msg=f"{name} {mode}")
+                assert not torch.allclose(pruned[2], dense[2], atol=1e-3), (name, mode)  # the budget bites

@@ -12,6 +12,12 @@ left-padded to the longest sample. A `PrunedLayer` replaces such a layer's trans
   offsets together with the keys, so every beam keeps its own padding and positions.
 The segment's per-sample state is shared by its layers: a batch operation applies to it once, when the cache passes
 it to the segment's first layer (caches visit their layers in order).
+
+Under a `StaticCache` (generate(..., cache_implementation="static"), the torch.compile path) an empty `StaticLayer` is
+turned into a `PrunedStaticLayer` instead (a class swap: its preallocated buffers keep their addresses). It stores the
+same entries at physical slots 0.. of its `max_cache_len` buffer (a StaticLayer writes at its own running count, never
+at the caller's logical positions), reports the same logical length, and sizes masks over the whole buffer with the
+same offset: slot i stands for logical position `dropped + i`, and the slots not written yet lie after every query.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer, StaticLayer
 
 
 @dataclass
@@ -48,58 +54,146 @@ class Segment:
             setattr(self, name, value)
 
 
-class PrunedLayer(DynamicLayer):
-    """A DynamicLayer holding the entries its segment kept (plus every token decoded since)."""
+class SegmentLayer(CacheLayerMixin):
+    """What a cache layer of a segment adds to a transformers layer: the segment, the logical length it stands for,
+    and batch operations that move the segment's per-sample state with the entries (see the module docstring).
+    A mixin placed before the transformers layer class (a CacheLayerMixin itself, so that a StaticLayer's class can
+    be swapped for PrunedStaticLayer: same instance layout)."""
 
-    def __init__(self, segment: Segment, first: bool) -> None:
-        super().__init__()
-        self.segment, self.first = segment, first
+    segment: Segment
+    first: bool  # the segment's first layer applies batch operations to the shared segment state
 
     @property
     def prefix(self) -> int:
         """Physical entries of the prompt."""
         return int(self.segment.mask2d.shape[1])
 
-    def get_seq_length(self) -> int:
-        if not self.is_initialized or self.keys.numel() == 0:
-            return 0
-        return self.keys.shape[-2] - self.prefix + self.segment.prompt_length
-
     @property
     def dropped(self) -> int:
         """Prompt entries the segment's cuts removed."""
         return self.segment.prompt_length - self.prefix
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if not self.is_initialized or self.keys.numel() == 0:
-            return query_length, 0
-        return self.keys.shape[-2] + query_length, self.dropped
+    @property
+    def stored(self) -> int:
+        """Physical entries held now (prompt and every token since)."""
+        raise NotImplementedError
+
+    def get_seq_length(self) -> int:
+        stored = self.stored
+        return stored - self.prefix + self.segment.prompt_length if stored else 0
+
+    def entries(self) -> tuple[Tensor, Tensor]:
+        """The stored keys and values [B, H, stored, d]."""
+        raise NotImplementedError
+
+    def set_entries(self, keys: Tensor, values: Tensor) -> None:
+        """Replace the stored entries (a compressed prompt) by `keys` / `values` [B, H, n, d]."""
+        raise NotImplementedError
+
+    def _move_entries(self, op: str, arg: Any) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Empty the layer and make it the plain transformers layer again (a reused cache outside any session)."""
+        plain = StaticLayer if isinstance(self, StaticLayer) else DynamicLayer
+        plain.reset(self)
+        self.__class__ = plain
+
+    def _batch(self, op: str, arg: Any) -> None:
+        self._move_entries(op, arg)
+        if self.first:
+            self.segment.batch_op(op, arg)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.first:
-            self.segment.batch_op("reorder", beam_idx)
+        self._batch("reorder", beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.first:
-            self.segment.batch_op("repeat", repeats)
+        self._batch("repeat", repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.first:
-            self.segment.batch_op("select", indices)
+        self._batch("select", indices)
 
 
-def pruned_layer(cache: Any, index: int, segment: Segment, first: bool) -> PrunedLayer | None:
-    """Put a PrunedLayer for `segment` at layer `index` of a transformers cache before the layer writes to it.
+class PrunedLayer(SegmentLayer, DynamicLayer):
+    """A DynamicLayer holding the entries its segment kept (plus every token decoded since)."""
 
-    Returns None (and changes nothing) for caches whose layers are not plain, empty DynamicLayers.
+    def __init__(self, segment: Segment, first: bool) -> None:
+        DynamicLayer.__init__(self)
+        self.segment, self.first = segment, first
+
+    @property
+    def stored(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized and self.keys.numel() else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.stored
+        return (stored + query_length, self.dropped) if stored else (query_length, 0)
+
+    def entries(self) -> tuple[Tensor, Tensor]:
+        return self.keys, self.values
+
+    def set_entries(self, keys: Tensor, values: Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def _move_entries(self, op: str, arg: Any) -> None:
+        move = {"reorder": DynamicLayer.reorder_cache, "repeat": DynamicLayer.batch_repeat_interleave,
+                "select": DynamicLayer.batch_select_indices}[op]
+        move(self, arg)
+
+
+class PrunedStaticLayer(SegmentLayer, StaticLayer):
+    """A StaticLayer whose slots 0.. hold the entries its segment kept, then every token decoded since.
+
+    Made from an empty StaticLayer by `pruned_layer` (class swap); `max_cache_len` stays the mask's key length."""
+
+    @property
+    def stored(self) -> int:
+        return int(self.cumulative_length) if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, self.dropped if self.stored else 0
+
+    def entries(self) -> tuple[Tensor, Tensor]:
+        stored = self.stored
+        return self.keys[:, :, :stored], self.values[:, :, :stored]
+
+    def set_entries(self, keys: Tensor, values: Tensor) -> None:
+        count = keys.shape[-2]
+        self.keys[:, :, :count].copy_(keys)
+        self.values[:, :, :count].copy_(values)
+        self.keys[:, :, count:].zero_()
+        self.values[:, :, count:].zero_()
+        self.cumulative_length.fill_(count)
+
+    def _move_entries(self, op: str, arg: Any) -> None:
+        if not self.is_initialized:
+            return
+        if op == "repeat":
+            index = torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(arg)
+        else:
+            index = torch.as_tensor(arg, device=self.keys.device).reshape(-1)
+        keys, values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        if keys.shape[0] == self.keys.shape[0]:  # beam reorder: in place, the buffers keep their addresses
+            self.keys.copy_(keys)
+            self.values.copy_(values)
+        else:
+            self.keys, self.values, self.batch_size = keys, values, keys.shape[0]
+
+
+def pruned_layer(cache: Any, index: int, segment: Segment, first: bool) -> SegmentLayer | None:
+    """Make layer `index` of a transformers cache a layer of `segment` before the layer writes to it: a PrunedLayer in
+    place of an empty DynamicLayer, a PrunedStaticLayer made from an empty StaticLayer.
+
+    Returns None (and changes nothing) for caches whose layers are neither (sliding, quantised, filled).
     """
     layers = getattr(cache, "layers", None)
     if layers is None or index >= len(layers):
         return None
     current = layers[index]
+    if (type(current) is StaticLayer or isinstance(current, PrunedStaticLayer)) and current.get_seq_length() == 0:
+        current.__class__ = PrunedStaticLayer
+        current.segment, current.first = segment, first
+        return current
     if not (type(current) is DynamicLayer or isinstance(current, PrunedLayer)) or current.get_seq_length() > 0:
         return None
     layer = PrunedLayer(segment, first)

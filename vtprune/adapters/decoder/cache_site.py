@@ -6,7 +6,8 @@ the last query rows (recomputed from the layer's own q projection and RoPE) and 
 sample and per cache head the sequence positions to keep. The layer's cache keeps those entries (one
 `kernels.compact_cache` call): each sample's C_b entries right-aligned, left-padded to the longest sample with masked
 slots, as a `PrunedLayer` whose segment carries that padding mask, so decoding gives the layer a mask as long as its
-own cache. Keys carry the RoPE of their original positions: decoding continues at the unpruned positions.
+own cache (under a StaticCache: a `PrunedStaticLayer` holding them at slots 0..). Keys carry the RoPE of their original
+positions: decoding continues at the unpruned positions.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ...core.errors import VTPruneError
 from ...core.signals import LayerKV, PrefillKV
 from ...core.trace import site_records
 from ..common import cache_argument, kwarg, swap_class
-from .cache import PrunedLayer, Segment
+from .cache import Segment, SegmentLayer
 from .evicting import EvictingSite
 from .qk import gather_rows, project, rotate
 
@@ -80,15 +81,15 @@ class CacheSite:
 
         return hook
 
-    def _layer_cache(self, cache: Any, layer_idx: int, length: int) -> PrunedLayer:
+    def _layer_cache(self, cache: Any, layer_idx: int, length: int) -> SegmentLayer:
         layers = getattr(cache, "layers", None)
         layer_cache = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
-        if not isinstance(layer_cache, PrunedLayer):
+        if not isinstance(layer_cache, SegmentLayer):
             raise VTPruneError(
-                f"the kv_cache site compresses transformers' DynamicCache (full-attention layers); layer "
-                f"{layer_idx} holds {type(layer_cache).__name__} — use the default cache (no static or sliding cache)"
+                f"the kv_cache site compresses transformers' DynamicCache or StaticCache (full-attention layers); "
+                f"layer {layer_idx} holds {type(layer_cache).__name__} — use the default cache (no sliding cache)"
             )
-        if layer_cache.keys.shape[-2] != length:
+        if layer_cache.stored != length:
             raise VTPruneError(
                 "the kv_cache site compresses a cache filled by one prefill call; this cache held earlier tokens "
                 "(chunked prefill or a continued cache) — prefill the whole prompt in one call"
@@ -107,30 +108,30 @@ class CacheSite:
         if cos.dim() != 3:
             raise VTPruneError(f"the kv_cache site expects RoPE tables [B, L, d], got {tuple(cos.shape)}")
         queries = rotate(attn, queries, gather_rows(cos, rows), gather_rows(sin, rows))
+        keys, values = layer_cache.entries()
         value = LayerKV(
-            keys=layer_cache.keys,
+            keys=keys,
             queries=queries,
             hidden=hidden,
             residual=state.layer_input if state.layer_input is not None else hidden,
             key_mask=key_mask,
-            keys_pre_rope=rotate(attn, layer_cache.keys, cos, -sin) if self.request.pre_rope_keys else None,
+            keys_pre_rope=rotate(attn, keys, cos, -sin) if self.request.pre_rope_keys else None,
         )
         ctx = cutter.context("kv_cache", hidden, index, {self.request: value})
         plan = cutter.method.plan(ctx)
         plan.validate(ctx.layout)
-        plan.heads = validate_heads(plan.heads, key_mask, layer_cache.keys.shape[1], cutter.method.name, index)
+        plan.heads = validate_heads(plan.heads, key_mask, keys.shape[1], cutter.method.name, index)
         state.record.sites.extend(site_records(ctx, plan))
         gather, valid = left_padded_heads(plan.heads, hidden.device)
-        ((layer_cache.keys, layer_cache.values),) = kernels.compact_cache(
-            [(layer_cache.keys, layer_cache.values)], gather, valid
-        )
+        ((keys, values),) = kernels.compact_cache([(keys, values)], gather, valid)
+        layer_cache.set_entries(keys, values)
         self._give_segment(layer_cache, index, valid.to(segment.mask2d.dtype), segment, cache)
 
     @staticmethod
-    def _give_segment(layer_cache: PrunedLayer, index: int, mask: Tensor, parent: Segment, cache: Any) -> None:
+    def _give_segment(layer_cache: SegmentLayer, index: int, mask: Tensor, parent: Segment, cache: Any) -> None:
         """The compressed layer's own segment; consecutive layers that keep the same padding share one."""
         previous = cache.layers[index - 1] if index > 0 else None
-        if isinstance(previous, PrunedLayer) and previous.segment.positions is None:
+        if isinstance(previous, SegmentLayer) and previous.segment.positions is None:
             if previous.segment.mask2d.shape == mask.shape and torch.equal(previous.segment.mask2d, mask):
                 layer_cache.segment, layer_cache.first = previous.segment, False
                 return

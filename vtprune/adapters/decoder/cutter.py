@@ -6,6 +6,9 @@ The language model is never forked. Forward pre-hooks on the language model and 
   entry becomes a `PrunedLayer` of its segment (see `cache.py`);
 - while decoding, give every layer a mask as long as its own cache and the positions its segment asks for, read from
   the cache itself, so beam search, assisted decoding and continuing from a returned cache keep them right.
+Under a StaticCache the layers become `PrunedStaticLayer`s (same logical lengths and mask offsets over a fixed buffer),
+the 2-D padding mask is read back from the 4-D mask generate() prepares (`padding_mask`), and the llm_attention site
+is refused (its compressed blocks do not fit a fixed buffer).
 
 Positions: "renumber" gives kept tokens contiguous positions (a token moves back by the number of visual tokens dropped
 before it); "original" keeps every token's position, leaving gaps. Decoding continues, per segment, at the incoming
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.cache_utils import StaticLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ...core.cut import compile_cut
@@ -31,7 +35,7 @@ from ...core.signals import PrefillKV, ProjectorInput, Transitions, TransitionSt
 from ...core.trace import ForwardRecord, site_records
 from ...kernels import apply_cut
 from ..common import cache_argument, kwarg
-from .cache import PrunedLayer, Segment, pruned_layer
+from .cache import PrunedStaticLayer, Segment, SegmentLayer, pruned_layer
 from .cache_site import CacheSite
 from .labels import LabelLoss, follow_cut
 from .layer_signals import AFTER_CUT, BEFORE_CUT, plan_requests
@@ -114,19 +118,32 @@ class DecoderCutter:
         if embeds is None:
             raise VTPruneError("vtprune expects the language model to be called with inputs_embeds")
         cache = cache_argument(kwargs)
-        if getattr(cache, "is_compileable", False):
-            raise VTPruneError(
-                f"{type(cache).__name__} has a fixed length per layer; pruning needs a DynamicCache "
-                "(the default of generate())"
-            )
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        if is_static(cache):
+            self._check_static(cache)
+            mask = padding_mask(mask, cache, embeds, past)
+        elif mask is not None and mask.dim() != 2:
             raise VTPruneError("vtprune needs a 2-D attention mask (batch, length), not a prepared 4-D mask")
         self.prefill = self.continuation = None
-        past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             return args, self._start_prefill(embeds, mask, kwargs.get("position_ids"), cache, kwargs)
         return self._start_continuation(embeds, mask, kwargs.get("position_ids"), cache, past, args, kwargs)
+
+    def _check_static(self, cache: Any) -> None:
+        """Refuse, in one line, a static cache this method or this cache's layers cannot prune into."""
+        name = self.method.name
+        if "llm_attention" in self.sites:
+            raise VTPruneError(
+                f"method {name!r} (llm_attention site) replaces each layer's cache by compressed blocks, which a "
+                "StaticCache cannot hold; generate without cache_implementation='static' (the default DynamicCache)"
+            )
+        for index, layer in enumerate(cache.layers):
+            if not (type(layer) is StaticLayer or isinstance(layer, PrunedStaticLayer)):
+                raise VTPruneError(
+                    f"vtprune prunes into a StaticCache of full-attention StaticLayers; layer {index} is "
+                    f"{type(layer).__name__} (sliding window or offloaded): use the default DynamicCache"
+                )
 
     def _start_prefill(self, embeds: Tensor, mask: Tensor | None, positions: Tensor | None, cache: Any,
                        kwargs: dict) -> dict:
@@ -155,7 +172,7 @@ class DecoderCutter:
                             past: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         batch, query = embeds.shape[:2]
         first = getattr(cache, "layers", [None])[0]
-        if not isinstance(first, PrunedLayer):
+        if not isinstance(first, SegmentLayer):
             return None  # a cache filled outside any session: nothing was pruned, nothing to adjust
         if mask is None:
             mask = torch.ones(batch, past + query, dtype=torch.long, device=embeds.device)
@@ -197,8 +214,9 @@ class DecoderCutter:
             ctx = self.context("llm_layer", hidden, index, dict(state.signals))
             hidden, segment = self._cut(ctx, hidden, segment, start=index)
             state.segments.append(segment)
+            cache = cache_argument(kwargs)  # a static cache sizes the mask to its buffer (an empty layer: no offset)
             state.prepared[index] = (
-                self._layer_mask(hidden, segment.mask2d, None, segment.positions, index),
+                self._layer_mask(hidden, segment.mask2d, cache if is_static(cache) else None, segment.positions, index),
                 self.rotary(hidden, segment.positions),
             )
             kwargs = self._with_prepared(kwargs, state.prepared[index])
@@ -404,3 +422,30 @@ class DecoderCutter:
         if offset.dim() == 2:
             offset = offset[-positions.shape[0] :]
         return positions - offset[..., None]
+
+
+def is_static(cache: Any) -> bool:
+    """Whether `cache` has preallocated layers of a fixed length (transformers' StaticCache)."""
+    return bool(getattr(cache, "is_compileable", False))
+
+
+def padding_mask(mask: Any, cache: Any, embeds: Tensor, past: int) -> Tensor | None:
+    """[B, past + q] the caller's 2-D padding mask of a call with a static cache.
+
+    generate() turns its 2-D mask into the model's prepared 4-D mask (or a dict of them per layer type) when the cache
+    is static; the mask's last query row sees every key up to that query, so it holds the 2-D mask over the keys the
+    cache offers: logical positions `offset ..` (offset: the entries the first layer's cuts dropped, which the cutter
+    rebuilds from its segment). None or a 2-D mask passes through.
+    """
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if mask is None or (isinstance(mask, Tensor) and mask.dim() == 2):
+        return mask
+    if not isinstance(mask, Tensor) or mask.dim() != 4:
+        raise VTPruneError(f"vtprune needs a 2-D or 4-D tensor attention mask, got {type(mask).__name__}")
+    batch, query = embeds.shape[:2]
+    offset = cache.get_mask_sizes(query, 0)[1]
+    last = mask[:, 0, -1, : past + query - offset]
+    visible = last if last.dtype == torch.bool else last == 0  # eager masks: 0 where a key is seen
+    head = torch.zeros(visible.shape[0], offset, dtype=torch.bool, device=visible.device)
+    return torch.cat([head, visible], dim=1).long().expand(batch, -1)

@@ -6,7 +6,8 @@ module runs after the attention (which saw every entry of the cache, the new tok
 every decode step. It recomputes the query rows the policy needs from the layer's own q projection and RoPE (no eager
 attention: the model keeps running with SDPA / FlashAttention), hands the policy each sample's real entries
 (post-RoPE keys, padding removed), writes the policy's merges (EMS) and keeps the slots it keeps. The layer's cache is
-then an `EvictingLayer`: each sample's entries right-aligned, left-padded to the longest sample; its own `Segment`
+then an `EvictingLayer` (under a StaticCache an `EvictingStaticLayer`, the entries at its first slots): each sample's
+entries right-aligned, left-padded to the longest sample; its own `Segment`
 carries that padding mask (`mask2d`) and the tokens seen (`prompt_length`), so the cutter gives the next call a mask as
 long as the layer's physical cache, and `get_seq_length()` stays the logical length generate() slices inputs by.
 
@@ -25,20 +26,22 @@ from torch import Tensor, nn
 
 from ...core.errors import VTPruneError
 from ..common import cache_argument
-from .cache import PrunedLayer, Segment
+from .cache import PrunedLayer, PrunedStaticLayer, Segment, SegmentLayer
 from .qk import project, rotate
 
 if TYPE_CHECKING:
     from .cutter import DecoderCutter
 
 
-class EvictingLayer(PrunedLayer):
-    """A cache layer kept within a policy's budget; `states[b]` is the policy state of sample b (None: keep all)."""
+class Evicting(SegmentLayer):
+    """What a cache layer kept within a policy's budget adds to its segment layer: `states[b]` is the policy state of
+    sample b (None: keep all), `seen` the tokens the layer has seen (its logical length)."""
 
-    def __init__(self, segment: Segment, states: list[Any], seen: int) -> None:
-        super().__init__(segment, first=True)
-        self.states, self.seen = states, seen
-        self.is_initialized = True
+    states: list[Any]
+    seen: int
+
+    def _become(self, segment: Segment, states: list[Any], seen: int) -> None:
+        self.segment, self.first, self.states, self.seen = segment, True, states, seen
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         if key_states.shape[2] != 1:
@@ -55,21 +58,23 @@ class EvictingLayer(PrunedLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise VTPruneError("a decode-time KV policy evicts every step and cannot crop its cache (assisted decoding)")
 
-    def _select(self, index: Tensor) -> None:
-        rows = torch.as_tensor(index).reshape(-1).tolist()
-        self.states = [copy.deepcopy(self.states[i]) for i in rows]
+    def _batch(self, op: str, arg: Any) -> None:
+        super()._batch(op, arg)
+        rows = torch.arange(len(self.states)).repeat_interleave(arg) if op == "repeat" else torch.as_tensor(arg)
+        self.states = [copy.deepcopy(self.states[i]) for i in rows.reshape(-1).tolist()]
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._select(beam_idx)
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._select(torch.arange(len(self.states)).repeat_interleave(repeats))
+class EvictingLayer(Evicting, PrunedLayer):
+    """A DynamicLayer kept within a policy's budget."""
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._select(indices)
+    def __init__(self, segment: Segment, states: list[Any], seen: int) -> None:
+        PrunedLayer.__init__(self, segment, first=True)
+        self._become(segment, states, seen)
+        self.is_initialized = True
+
+
+class EvictingStaticLayer(Evicting, PrunedStaticLayer):
+    """A StaticLayer kept within a policy's budget: its entries at slots 0.., the rest of its buffer unused."""
 
 
 class EvictingSite:
@@ -102,7 +107,7 @@ class EvictingSite:
             with torch.no_grad():
                 if self.cutter.prefill is not None:
                     self._prefill(index, module, hidden, rope, cache)
-                elif self.cutter.continuation is not None and isinstance(cache.layers[index], EvictingLayer):
+                elif self.cutter.continuation is not None and isinstance(cache.layers[index], Evicting):
                     self._step(index, module, hidden, rope, cache)
             return
 
@@ -113,12 +118,12 @@ class EvictingSite:
         state = self.cutter.prefill
         segment = state.segment_at(index)
         layer_cache = cache.layers[attn.layer_idx]
-        if not isinstance(layer_cache, PrunedLayer):
+        if not isinstance(layer_cache, SegmentLayer):
             raise VTPruneError(
-                f"{self.method.name} keeps a budget in transformers' DynamicCache; layer {index} holds "
-                f"{type(layer_cache).__name__}: use the default cache (no static, sliding or quantised cache)"
+                f"{self.method.name} keeps a budget in transformers' DynamicCache or StaticCache; layer {index} holds "
+                f"{type(layer_cache).__name__}: use the default cache (no sliding or quantised cache)"
             )
-        if layer_cache.keys.shape[-2] != hidden.shape[1]:
+        if layer_cache.stored != hidden.shape[1]:
             raise VTPruneError(
                 f"{self.method.name} starts from an empty cache: prefill the whole prompt in one call"
             )
@@ -152,13 +157,19 @@ class EvictingSite:
         offset = segment.offset.clone()
         if self.cache_positions:  # the next token's position: its cache length (caller position - offset)
             offset = offset + torch.tensor(evicted, device=offset.device)
-        new = EvictingLayer(Segment(index, mask, None, offset, segment.prompt_length), states, hidden.shape[1])
+        own = Segment(index, mask, None, offset, segment.prompt_length)
+        if isinstance(layer_cache, PrunedStaticLayer):  # the same buffers (static addresses), another class
+            layer_cache.__class__ = EvictingStaticLayer
+            layer_cache._become(own, states, hidden.shape[1])
+            new = layer_cache
+        else:
+            new = EvictingLayer(own, states, hidden.shape[1])
         self._store(new, kept_keys, kept_values, segment.mask2d.dtype, layer_cache)
         cache.layers[attn.layer_idx] = new
 
     # ------------------------------------------------------------------------------------------------ decoding
     def _step(self, index: int, attn: nn.Module, hidden: Tensor, rope: tuple, cache: Any) -> None:
-        layer_cache: EvictingLayer = cache.layers[attn.layer_idx]
+        layer_cache: Evicting = cache.layers[attn.layer_idx]
         segment = layer_cache.segment
         valid = torch.cat([segment.mask2d.bool(), torch.ones_like(segment.mask2d[:, :1], dtype=torch.bool)], dim=1)
         cos, sin = rope
@@ -197,7 +208,7 @@ class EvictingSite:
         return new_keys, new_values
 
     @staticmethod
-    def _store(layer: EvictingLayer, keys: list[Tensor], values: list[Tensor], dtype: torch.dtype, like: Any) -> None:
+    def _store(layer: Evicting, keys: list[Tensor], values: list[Tensor], dtype: torch.dtype, like: Any) -> None:
         """Per sample [H_c, C_b, d] -> the layer's [B, H_c, C, d], right-aligned, and its segment's mask [B, C]."""
         length = max(k.shape[1] for k in keys)
         batch, heads, _, dim = like.keys.shape
@@ -209,7 +220,7 @@ class EvictingSite:
             if c:
                 out_k[b, :, length - c :], out_v[b, :, length - c :] = k, v
                 mask[b, length - c :] = 1
-        layer.keys, layer.values = out_k, out_v
+        layer.set_entries(out_k, out_v)
         layer.segment.mask2d = mask
         layer.segment.prompt_length = layer.seen
 
