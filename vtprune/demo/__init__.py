@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .examples import EXAMPLES_DIR
 
 
 def launch(
@@ -30,16 +31,14 @@ def serve(args: argparse.Namespace) -> int:
     import gradio  # noqa: F401  (a missing extra fails here: pip install 'vtprune[demo]')
 
     from ..loading import check_device, check_model
-    from .examples import EXAMPLES_DIR
     from .ui import build_demo
 
     args.examples_dir = args.examples_dir or str(EXAMPLES_DIR)
-
     check_device(args.device)
     check_model(args.model)  # a typo or an unreachable hub fails before the server starts
     page = build_demo(
         model=args.model, device=args.device, examples_dir=args.examples_dir, max_new_tokens=args.max_new_tokens,
-        repeats=args.repeats, frames=args.frames, allow_hub=args.allow_hub,
+        repeats=args.repeats, frames=args.frames, allow_hub=args.allow_hub, preload=True,
     )
     launch(page, args.examples_dir, host=args.host, port=args.port)
     return 0
