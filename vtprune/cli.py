@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         for index, image in enumerate(images):
             scores, kept = trace.image_map(index, forward=0)
             target = out if len(images) == 1 else out.with_name(f"{out.stem}_{index}{out.suffix}")
-            heatmap(image, scores, kept, side=model.config.vision_config.image_size).save(target)
+            title = f"{method.name}: {int(kept.sum())} of {kept.numel()} visual tokens kept"
+            heatmap(image, scores, kept, side=model.config.vision_config.image_size, title=title).save(target)
             print(f"heatmap       {target}")
     return 0
 

@@ -76,7 +76,9 @@ def run_example(args: argparse.Namespace) -> int:
         ratio = prefill_seconds(model, inputs, method, repeats=args.repeats) / dense_time
         rows.append((method.name, trace.visual_tokens(0)[0][1], answer, ratio))
         scores, kept = trace.image_map(0, forward=0)
-        heatmap(image, scores, kept, side=model.config.vision_config.image_size).save(out_dir / f"{method.name}.png")
+        title = f"{method.name}: {int(kept.sum())} of {kept.numel()} visual tokens kept"
+        heatmap(image, scores, kept, side=model.config.vision_config.image_size, title=title).save(
+            out_dir / f"{method.name}.png")
 
     scored = expected is not None
     print(f"image: {image_path}\nquestion: {question}\nexpected answer: {expected if scored else '(not given)'}\n")

@@ -276,7 +276,7 @@ def heatmaps(trace: vtprune.Trace, processor: Any, media: Media) -> list[tuple[I
         view = image if center_crops(processor, kinds[index]) else image.resize((PANEL_SIDE, PANEL_SIDE))
         what = {"base": " (base view)"}.get(kinds[index], "")
         caption = f"{name}{what}: {int(kept.sum())} of {kept.numel()} patches kept"
-        out.append((heatmap(view, scores, kept, side=PANEL_SIDE), caption))
+        out.append((heatmap(view, scores, kept, side=PANEL_SIDE, title=caption), caption))
     return out
 
 

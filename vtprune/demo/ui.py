@@ -100,7 +100,7 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], fon
 # heatmaps are three square panels side by side: show each whole, one under the other, captions below
 CSS = """
 #heatmaps .grid-wrap, #compare-heatmaps .grid-wrap { height: auto; max-height: none; }
-#heatmaps .thumbnail-item, #compare-heatmaps .thumbnail-item { aspect-ratio: 3.1 / 1; height: auto; }
+#heatmaps .thumbnail-item, #compare-heatmaps .thumbnail-item { aspect-ratio: 2.6 / 1; height: auto; }
 #status strong { color: #b91c1c; }
 """
 
