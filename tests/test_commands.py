@@ -115,3 +115,16 @@ def test_the_light_copies_of_constants_match_their_modules():
     assert commands.EMBEDDED == EMBEDDED
     assert commands.LLAVA_15_7B == bench.LLAVA_15_7B
     assert bench.__doc__.strip() in subcommands()["bench"].format_help()
+
+
+@pytest.mark.parametrize(("command", "module", "extra"), [("demo", "gradio", "demo"), ("eval", "lmms_eval", "eval"),
+                                                          ("tune", "optuna", "tune")])
+def test_a_missing_extra_is_named_before_torch_loads(command, module, extra):
+    result = python(f"""
+import sys
+sys.modules[{module!r}] = None  # as if the extra were not installed
+from vtprune.cli import main
+print(main([{command!r}]), "torch" in sys.modules)
+""")
+    assert result.stdout.splitlines()[-1] == "2 False", result.stderr[-3000:]
+    assert f"pip install 'vtprune[{extra}]'" in result.stderr

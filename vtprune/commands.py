@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import importlib.util
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,11 +21,16 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 AUTO_DEVICE = "default: cuda when available, else cpu"
 
 
-def command(target: str) -> Callable[[argparse.Namespace], int]:
-    """The function `module:name`, imported when the command runs (not when the parser is built)."""
+def command(target: str, needs: tuple[str, ...] = ()) -> Callable[[argparse.Namespace], int]:
+    """The function `module:name`, imported when the command runs (not when the parser is built). `needs`: modules
+    of an optional extra, looked up first so that a missing one is named at once (see `vtprune.cli.EXTRAS`), not
+    after torch and transformers have loaded."""
     module, name = target.split(":")
 
     def run(args: argparse.Namespace) -> int:
+        for needed in needs:
+            if importlib.util.find_spec(needed) is None:
+                raise ModuleNotFoundError(f"No module named {needed!r}", name=needed)
         return getattr(importlib.import_module(module), name)(args)
 
     run.__qualname__ = run.__name__ = f"command({target!r})"
@@ -105,7 +111,7 @@ def add_tune(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="preset JSON to write (default: <method>-tuned.json)")
     p.add_argument("--device", default=None)
-    p.set_defaults(func=command("vtprune.tune:run_tune"))
+    p.set_defaults(func=command("vtprune.tune:run_tune", needs=("optuna",)))
 
 
 def add_convert(subparsers: Any) -> None:
@@ -169,7 +175,7 @@ def add_eval(subparsers: Any) -> None:
     p.add_argument("--device", default=None, help=f"cpu, cuda, cuda:N ({AUTO_DEVICE})")
     p.add_argument("--force-simple", action="store_true", help="lmms-eval's simple model class instead of chat")
     p.add_argument("--out", help="folder for eval.md / .csv / .json")
-    p.set_defaults(func=command("vtprune.eval.grid:run_eval"))
+    p.set_defaults(func=command("vtprune.eval.grid:run_eval", needs=("lmms_eval",)))
 
 
 def add_demo(subparsers: Any) -> None:
@@ -186,7 +192,7 @@ def add_demo(subparsers: Any) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="paired prefill timings per method")
     p.add_argument("--frames", type=int, default=4, help="frames sampled from a video")
-    p.set_defaults(func=command("vtprune.demo:serve"))
+    p.set_defaults(func=command("vtprune.demo:serve", needs=("gradio",)))
 
 
 def add_methods(subparsers: Any) -> None:
