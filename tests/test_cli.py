@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 
 from vtprune.cli import main
+from vtprune.viz import BOTTOM, TOP
 
 
 def test_run_prints_answers_counts_and_writes_heatmap(saved_model, tmp_path, capsys):
@@ -23,7 +24,7 @@ def test_run_prints_answers_counts_and_writes_heatmap(saved_model, tmp_path, cap
     ratio = float(out.split("prefill time")[1].split("x")[0])
     assert ratio > 0
     panels = Image.open(heatmap)
-    assert panels.size == (3 * 32 + 20, 32)
+    assert panels.size == (3 * 32 + 20, TOP + 32 + BOTTOM)
 
 
 def test_run_reports_bad_budget_clearly(saved_model, tmp_path, capsys):

@@ -142,7 +142,7 @@ def test_tower_weights_from_a_separate_clip_checkpoint(tmp_path):
 
 
 def main_convert(source, target, *extra):
-    from vtprune.convert import add_convert
+    from vtprune.commands import add_convert
     import argparse
 
     parser = argparse.ArgumentParser()

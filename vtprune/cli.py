@@ -2,7 +2,8 @@
 
 One error style for every command: a bad input exits with status 2 and one line on stderr naming the problem and the
 fix (argparse's usage errors included); `--debug` shows the traceback instead. A missing optional dependency names
-the extra to install. Heavy modules (torch, transformers) are imported by the command that runs, not here.
+the extra to install. Heavy modules (torch, transformers) are imported by the command that runs, not here: the
+parser (`vtprune.commands`) imports none of them, so every `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .loading import positive_int
+from .commands import COMMANDS
 
 EXTRAS = {  # module a command needs -> the extra of pyproject.toml that installs it
     "gradio": "demo", "lmms_eval": "eval", "accelerate": "eval", "optuna": "tune", "open_clip": "clip",
@@ -26,12 +27,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def budget(text: str) -> Any:
-    from .core.budget import budget_argument
-
-    return budget_argument(text)
 
 
 def answer(model: Any, processor: Any, inputs: dict, max_new_tokens: int) -> str:
@@ -94,30 +89,10 @@ def run(args: argparse.Namespace) -> int:
         for index, image in enumerate(images):
             scores, kept = trace.image_map(index, forward=0)
             target = out if len(images) == 1 else out.with_name(f"{out.stem}_{index}{out.suffix}")
-            heatmap(image, scores, kept, side=model.config.vision_config.image_size).save(target)
+            title = f"{method.name}: {int(kept.sum())} of {kept.numel()} visual tokens kept"
+            heatmap(image, scores, kept, side=model.config.vision_config.image_size, title=title).save(target)
             print(f"heatmap       {target}")
     return 0
-
-
-def add_run(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "run", help="answer one question with and without pruning",
-        description="Answer one question about one or more images with the dense model and with a method. Give only "
-        "the question as --prompt: the command adds the model's chat template and one image token per --image "
-        "(a prompt written as 'USER: <image>\\n... ASSISTANT:' is reduced to its question).",
-    )
-    p.add_argument("--model", default="toy", help="hub id or local path; 'toy' is the embedded default model")
-    p.add_argument("--image", action="append", required=True, help="image file (repeat for several images)")
-    p.add_argument("--prompt", required=True, help="the question (the chat template is added for you)")
-    p.add_argument("--method", default="vtc-cls", help="a method of `vtprune methods` (default: %(default)s)")
-    p.add_argument("--keep", type=budget, help="the budget: tokens per image (int) or a ratio; default: the method's")
-    p.add_argument("--preset", help="a preset of the method (e.g. transprune: high, low) or a JSON file from `tune`")
-    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option, repeatable")
-    p.add_argument("--heatmap", help="write the image, the method's scores and the kept tokens to this PNG")
-    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="(default: %(default)s)")
-    p.add_argument("--repeats", type=positive_int, default=5, help="prefill timing repeats (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the model's)")
-    p.set_defaults(func=run)
 
 
 def list_methods(args: argparse.Namespace) -> int:
@@ -145,26 +120,11 @@ def list_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> Parser:
-    from .convert import add_convert
-    from .demo import add_demo
-    from .eval.bench import add_bench
-    from .eval.grid import add_eval
-    from .example import add_example
-    from .tune import add_tune
-
     parser = Parser(prog="vtprune", description="Visual-token pruning for vision-language models.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    add_run(subparsers)
-    add_example(subparsers)
-    add_tune(subparsers)
-    add_convert(subparsers)
-    add_bench(subparsers)
-    add_eval(subparsers)
-    add_demo(subparsers)
-    subparsers.add_parser(
-        "methods", help="the available methods: sites, budget, options with defaults",
-    ).set_defaults(func=list_methods)
+    for add in COMMANDS:
+        add(subparsers)
     for sub in subparsers.choices.values():  # --debug after the command works too
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -177,9 +137,8 @@ def one_line(error: BaseException) -> str:
 
 def explain(error: BaseException, command: str | None) -> tuple[str, int]:
     """(the line to print, exit status) for an error that ended a command."""
-    from .core.errors import VTPruneError
-
-    if isinstance(error, VTPruneError):
+    errors = sys.modules.get("vtprune.core.errors")  # not imported yet: the error cannot be a VTPruneError
+    if errors is not None and isinstance(error, errors.VTPruneError):
         return one_line(error), 2
     if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in EXTRAS:
         module = error.name.split(".")[0]

@@ -215,20 +215,7 @@ def _convert_tokenizer(source: Path, target: Path, config: Any) -> None:
     tokenizer.save_pretrained(str(target))
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_convert(args: argparse.Namespace) -> int:
     target = convert_longva(args.source, args.target, vision_tower=args.vision_tower)
     print(f"wrote {target} (LlavaOnevisionForConditionalGeneration)")
     return 0
-
-
-def add_convert(subparsers: Any) -> None:
-    """`vtprune convert longva SRC DST`."""
-    convert = subparsers.add_parser("convert", help="convert a checkpoint into a layout vtprune supports")
-    kinds = convert.add_subparsers(dest="kind", required=True)
-    longva = kinds.add_parser("longva", help="LongVA (LLaVA-Qwen layout) -> LlavaOnevisionForConditionalGeneration")
-    longva.add_argument("source", help="LongVA checkpoint folder (config.json + safetensors)")
-    longva.add_argument("target", help="output folder")
-    longva.add_argument(
-        "--vision-tower", help="local CLIP folder: its config, and weights if the checkpoint lacks them"
-    )
-    longva.set_defaults(func=_run)

@@ -18,7 +18,7 @@ import vtprune
 
 from .core import VISUAL_TOKENS
 from .eval.speed import prefill_seconds
-from .loading import load, positive_int, prepare, question_text, read_image
+from .loading import load, prepare, question_text, read_image
 from .toy import is_correct
 from .viz import heatmap
 
@@ -76,7 +76,9 @@ def run_example(args: argparse.Namespace) -> int:
         ratio = prefill_seconds(model, inputs, method, repeats=args.repeats) / dense_time
         rows.append((method.name, trace.visual_tokens(0)[0][1], answer, ratio))
         scores, kept = trace.image_map(0, forward=0)
-        heatmap(image, scores, kept, side=model.config.vision_config.image_size).save(out_dir / f"{method.name}.png")
+        title = f"{method.name}: {int(kept.sum())} of {kept.numel()} visual tokens kept"
+        heatmap(image, scores, kept, side=model.config.vision_config.image_size, title=title).save(
+            out_dir / f"{method.name}.png")
 
     scored = expected is not None
     print(f"image: {image_path}\nquestion: {question}\nexpected answer: {expected if scored else '(not given)'}\n")
@@ -89,18 +91,3 @@ def run_example(args: argparse.Namespace) -> int:
         print(f"skipped {line}")
     print(f"\nprefill ratios: median of {args.repeats} runs each, same process; heatmaps in {out_dir}/")
     return 0
-
-
-def add_example(subparsers: Any) -> None:
-    p = subparsers.add_parser("example", help="every method on one image and question (default: the bundled example)")
-    p.add_argument("--model", default="toy", help="hub id or local path; 'toy' is the embedded default model")
-    p.add_argument("--image", help="image file (default: the bundled example)")
-    p.add_argument("--question", help="the question about --image (required with --image)")
-    p.add_argument("--answer", help="expected answer, for the 'correct' column")
-    p.add_argument("--keep", type=positive_int, default=64, help="visual tokens kept per image (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", help="default: every available method")
-    p.add_argument("--out", default="out/example", help="folder for the heatmaps")
-    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="(default: %(default)s)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="prefill timing repeats (default: %(default)s)")
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=run_example)

@@ -36,7 +36,6 @@ from .core import (
     parse_budget,
     parse_options,
 )
-from .loading import positive_int
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DEFAULT_QUESTION = "Describe the image."
@@ -236,20 +235,3 @@ def run_tune(args: argparse.Namespace) -> int:
               "(first: " + result.first_failure + ")")
     print(f"preset            {out}  (vtprune.make({args.method!r}, preset={str(out)!r}))")
     return 0
-
-
-def add_tune(subparsers: Any) -> None:
-    p = subparsers.add_parser("tune", help="tune a method's hyperparameters for a model and a budget")
-    p.add_argument("--model", default="toy", help="hub id or local path; 'toy' is the embedded default model")
-    p.add_argument("--method", default="vflowopt")
-    p.add_argument("--budget", help="the method's budget (vflowopt: average kept share, e.g. 0.25; visionzip: tokens)")
-    p.add_argument("--trials", type=positive_int, default=50)
-    p.add_argument("--samples", type=positive_int, default=30, help="calibration samples")
-    p.add_argument("--calibration", help="folder of images (+ x.txt or questions.txt); default: generated scenes")
-    p.add_argument("--image-size", type=int, default=336, help="side of generated calibration images")
-    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="fixed method option")
-    p.add_argument("--sampler", default="tpe", choices=["tpe", "gp", "random"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="preset JSON to write (default: <method>-tuned.json)")
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=run_tune)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from vtprune.core.errors import VTPruneError
 from vtprune.demo.backend import Demo, Request, parse_budget, parse_option_text
+from vtprune.viz import BOTTOM, TOP
 
 SIDE = 336  # heatmap panel side: three panels and two 10 px gaps
 QUICK = dict(max_new_tokens=3, repeats=1)
@@ -30,7 +31,7 @@ def test_one_method_reports_answers_tokens_costs_and_a_heatmap_per_image(demo, s
     assert report.dense.seconds > 0 and run.seconds > 0 and run.time_ratio > 0
     assert 0 < run.peak_bytes < report.dense.peak_bytes  # a quarter of the visual tokens: less activation memory
     assert [caption for _, caption in run.heatmaps] == [f"screen_{i}.png: 4 of 16 patches kept" for i in (1, 2, 3)]
-    assert all(image.size == (3 * SIDE + 20, SIDE) for image, _ in run.heatmaps)
+    assert all(image.size == (3 * SIDE + 20, TOP + SIDE + BOTTOM) for image, _ in run.heatmaps)
 
 
 def test_compare_goes_on_past_a_method_the_adapter_refuses(demo, saved_qwen, screenshots):

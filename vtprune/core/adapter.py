@@ -7,6 +7,7 @@ pickled while a session is open is copied without the session: its copies of the
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -107,6 +108,17 @@ class Adapter(ABC):
 _ADAPTERS: list[type[Adapter]] = []
 
 
+def load_builtins() -> None:
+    """Let the package root register its built-in adapters and methods before a registry lookup.
+
+    `import vtprune` is lazy (a fast `vtprune --help`), so they register on first use; the core names none of them:
+    it calls the root package's hook, `vtprune.register_builtins` (the root is imported before any of its modules).
+    """
+    hook = getattr(sys.modules.get(__name__.partition(".")[0]), "register_builtins", None)
+    if hook is not None:
+        hook()
+
+
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     if any(existing.family == cls.family for existing in _ADAPTERS):
         raise UnsupportedModelError(f"an adapter for the family {cls.family!r} is already registered")
@@ -115,6 +127,7 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
 
 
 def adapter_for(model: Any) -> type[Adapter]:
+    load_builtins()
     for cls in _ADAPTERS:
         if cls.matches(model):
             return cls

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .adapter import load_builtins
 from .budget import VISUAL_TOKENS, BudgetKind
 from .errors import VTPruneError
 from .layout import VisualLayout
@@ -111,10 +112,12 @@ def register(cls: type[Method]) -> type[Method]:
 
 def available() -> list[str]:
     """Names of the registered methods."""
+    load_builtins()
     return sorted(_METHODS)
 
 
 def method_class(name: str) -> type[Method]:
+    load_builtins()
     if name not in _METHODS:
         raise VTPruneError(f"unknown method {name!r}; available: {', '.join(available())}")
     return _METHODS[name]

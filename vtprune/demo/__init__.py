@@ -13,7 +13,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..loading import EMBEDDED
 from .examples import EXAMPLES_DIR
 
 
@@ -34,27 +33,12 @@ def serve(args: argparse.Namespace) -> int:
     from ..loading import check_device, check_model
     from .ui import build_demo
 
+    args.examples_dir = args.examples_dir or str(EXAMPLES_DIR)
     check_device(args.device)
     check_model(args.model)  # a typo or an unreachable hub fails before the server starts
     page = build_demo(
         model=args.model, device=args.device, examples_dir=args.examples_dir, max_new_tokens=args.max_new_tokens,
-        repeats=args.repeats, frames=args.frames, allow_hub=args.allow_hub,
+        repeats=args.repeats, frames=args.frames, allow_hub=args.allow_hub, preload=True,
     )
     launch(page, args.examples_dir, host=args.host, port=args.port)
     return 0
-
-
-def add_demo(subparsers: Any) -> None:
-    p = subparsers.add_parser("demo", help="a web page: what each method keeps, the answers, and what it costs")
-    p.add_argument("--model", default=EMBEDDED, help="preselected model: 'toy' (embedded), a local path or a hub id")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too (see --allow-hub)")
-    p.add_argument("--allow-hub", action="store_true",
-                   help="let visitors load any hub model by name (a download on this server); by default only 'toy', "
-                   "local folders and --model")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--examples-dir", default=str(EXAMPLES_DIR), help="where the bundled examples are generated")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3, help="paired prefill timings per method")
-    p.add_argument("--frames", type=int, default=4, help="frames sampled from a video")
-    p.set_defaults(func=serve)

@@ -119,28 +119,109 @@ def build_methods(
     return methods, notes
 
 
-class Models:
-    """One model at a time: loaded on first use, kept for the next requests, replaced when another is asked for."""
+class ModelLoading(VTPruneError):
+    """The model a request names is still loading in the background: the request is answered at once with this
+    message (the page shows it as a status, not an error) and other visitors' requests are served meanwhile."""
 
-    def __init__(self, device: str | None = None, preselected: str = EMBEDDED, allow_hub: bool = False) -> None:
+
+@dataclass
+class LoadJob:
+    name: str
+    started: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class Models:
+    """One model slot. A model is loaded in a background thread, never on a request's own time: while it loads, the
+    model already in the slot keeps answering other requests, and a request for the loading model waits at most
+    `wait_s` seconds (None: until it is loaded) and is then told to ask again. The new model replaces the old one
+    when it is ready (both are in memory during the load). One load at a time."""
+
+    def __init__(
+        self,
+        device: str | None = None,
+        preselected: str = EMBEDDED,
+        allow_hub: bool = False,
+        loader: Callable[..., tuple[Any, Any]] = load,
+        wait_s: float | None = None,
+    ) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else None)
         self.preselected = preselected  # named on the command line by whoever started the server: always allowed
         self.allow_hub = allow_hub  # whether a visitor may name any hub id (a download on the server)
+        self.loader = loader  # (name, device=...) -> (model, processor)
+        self.wait_s = wait_s
         self.name: str | None = None
         self.loaded: tuple[Any, Any] | None = None
+        self.job: LoadJob | None = None  # the load in progress
+        self.failed: dict[str, BaseException] = {}  # a background load's error, reported to the next request for it
+        self.slot = threading.Lock()  # guards the fields above; never held while a model loads or runs
 
     def get(self, name: str) -> tuple[Any, Any]:
+        """The model and processor named `name`, loaded in the background if needed (see the class)."""
         name = (name or "").strip()
         if not name:
             raise VTPruneError("choose a model: 'toy', a local folder saved with save_pretrained, or a hub id")
-        if name != self.name:
-            self.name, self.loaded = None, None
-            gc.collect()
-            self.loaded = self._load(name)
-            self.name = name
-        return self.loaded
+        job = self.start(name)
+        if job is None:
+            return self.loaded_as(name)
+        if not job.done.wait(self.wait_s):
+            raise ModelLoading(
+                f"loading model {name!r} in the background ({time.monotonic() - job.started:.0f} s so far); other "
+                "requests are answered meanwhile: run again in a moment"
+            )
+        with self.slot:
+            self.failed.pop(name, None)
+        if job.error is not None:
+            raise job.error
+        return self.loaded_as(name)
 
-    def _load(self, name: str) -> tuple[Any, Any]:
+    def start(self, name: str) -> LoadJob | None:
+        """Start loading `name` in the background unless it is loaded (None) or loading; its load job. A load that
+        failed is reported once, to the next request for it."""
+        with self.slot:
+            if name == self.name:
+                return None
+            if name in self.failed:
+                raise self.failed.pop(name)
+            if self.job is not None:
+                if self.job.name == name:
+                    return self.job
+                raise ModelLoading(
+                    f"the server is loading model {self.job.name!r} ({time.monotonic() - self.job.started:.0f} s so "
+                    f"far) and loads one model at a time: run again when it is ready, or use {self.name or 'it'}"
+                )
+            self.check(name)  # a name this server refuses fails at once, without a thread
+            self.job = LoadJob(name)
+        threading.Thread(target=self._load, args=(self.job,), name=f"vtprune-demo-load-{name}", daemon=True).start()
+        return self.job
+
+    def start_quietly(self, name: str) -> None:
+        """Start loading `name` if it is neither loaded nor loading nor failed; errors wait for `get`."""
+        name = (name or "").strip()
+        with self.slot:
+            if not name or name == self.name or name in self.failed or self.job is not None:
+                return
+        try:
+            self.start(name)
+        except VTPruneError:
+            pass
+
+    def loaded_as(self, name: str) -> tuple[Any, Any]:
+        with self.slot:
+            if name != self.name or self.loaded is None:  # another load replaced it meanwhile
+                raise ModelLoading(f"model {name!r} was replaced by {self.name!r} meanwhile: run again")
+            return self.loaded
+
+    def status(self) -> str:
+        """One line for the page: the model in the slot and the load in progress."""
+        with self.slot:
+            now = f"model: {self.name}" if self.name else "no model loaded yet"
+            if self.job is not None:
+                now += f"; loading {self.job.name} ({time.monotonic() - self.job.started:.0f} s)"
+            return now
+
+    def check(self, name: str) -> None:
         local = name == EMBEDDED or Path(name).expanduser().exists() or name.startswith(("/", ".", "~"))
         if not (local or name == self.preselected or self.allow_hub):
             raise VTPruneError(
@@ -149,13 +230,26 @@ class Models:
             )
         if name != EMBEDDED and name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
             raise VTPruneError(f"model path {name!r} does not exist")
+
+    def _load(self, job: LoadJob) -> None:
+        """The background thread: load, then put the model in the slot (or keep the error for the next request)."""
+        name = job.name
         try:
-            return load(str(Path(name).expanduser()) if name.startswith("~") else name, device=self.device)
-        except VTPruneError:
-            raise
+            loaded = self.loader(str(Path(name).expanduser()) if name.startswith("~") else name, device=self.device)
+        except VTPruneError as error:
+            job.error = error
         except Exception as error:  # transformers' errors for a folder without a model, an unknown hub id, ...
+            log.exception("loading model %s failed", name)
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise VTPruneError(f"cannot load model {name!r}: {first}") from error
+            job.error = VTPruneError(f"cannot load model {name!r}: {first}")
+        with self.slot:
+            if job.error is None:
+                self.name, self.loaded = name, loaded
+            else:
+                self.failed[name] = job.error
+            self.job = None
+        job.done.set()
+        gc.collect()  # the model this one replaced
 
 
 def paired_seconds(baseline: Callable[[], Any], other: Callable[[], Any], repeats: int) -> tuple[list[float], list[float]]:
@@ -182,7 +276,7 @@ def heatmaps(trace: vtprune.Trace, processor: Any, media: Media) -> list[tuple[I
         view = image if center_crops(processor, kinds[index]) else image.resize((PANEL_SIDE, PANEL_SIDE))
         what = {"base": " (base view)"}.get(kinds[index], "")
         caption = f"{name}{what}: {int(kept.sum())} of {kept.numel()} patches kept"
-        out.append((heatmap(view, scores, kept, side=PANEL_SIDE), caption))
+        out.append((heatmap(view, scores, kept, side=PANEL_SIDE, title=caption), caption))
     return out
 
 
@@ -245,13 +339,24 @@ def run(request: Request, models: Models, progress: Progress = lambda fraction, 
 
 
 class Demo:
-    """The state behind the page: the model slot, and a lock so that one request at a time patches the model."""
+    """The state behind the page: the model slot, and a lock so that one request at a time patches the model.
 
-    def __init__(self, model: str = EMBEDDED, device: str | None = None, allow_hub: bool = False) -> None:
+    `load_wait_s`: how long a request waits for a model that is loading (None: until it is loaded, for scripts and
+    tests; the page uses a few seconds so a slow load never holds the request queue)."""
+
+    def __init__(
+        self,
+        model: str = EMBEDDED,
+        device: str | None = None,
+        allow_hub: bool = False,
+        loader: Callable[..., tuple[Any, Any]] = load,
+        load_wait_s: float | None = None,
+    ) -> None:
         self.default_model = model
-        self.models = Models(device, preselected=model, allow_hub=allow_hub)
+        self.models = Models(device, preselected=model, allow_hub=allow_hub, loader=loader, wait_s=load_wait_s)
         self.lock = threading.Lock()
 
     def run(self, request: Request, progress: Progress = lambda fraction, text: None) -> Report:
+        self.models.start_quietly(request.model)  # a load starts at once, even while another request runs
         with self.lock:
             return run(request, self.models, progress)

@@ -1,7 +1,9 @@
 """The Gradio page: one method (dense vs pruned answers, costs, heatmaps) or several compared on the same input.
 
 Every handler turns errors into a readable message in the status box and returns; the server keeps serving.
-Requests that run a model are queued one at a time (the model is patched while a method runs).
+Requests that run a model are queued one at a time (the model is patched while a method runs). A model loads in a
+background thread, never on the queue's time: a request for a model still loading waits LOAD_WAIT_S at most and is
+told to run again, while other visitors' requests keep being answered; a status line shows the load.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import vtprune
 from ..core.errors import VTPruneError
 from ..core.method import method_class
 from ..loading import EMBEDDED
-from .backend import Demo, Measured, Report, Request, option_fields
+from .backend import Demo, Measured, ModelLoading, Report, Request, option_fields
 from .examples import EXAMPLES_DIR, bundled_examples
 
 log = logging.getLogger(__name__)
+LOAD_WAIT_S = 3.0  # how long a request waits for a model that is loading before it is told to run again
 NO_PRESET = "none"
 INTRO = """# vtprune: what each method keeps, and what it costs
 Upload an image, several images (a screenshot sequence) or a video, ask a question, choose a method and a budget
@@ -97,7 +100,7 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], fon
 # heatmaps are three square panels side by side: show each whole, one under the other, captions below
 CSS = """
 #heatmaps .grid-wrap, #compare-heatmaps .grid-wrap { height: auto; max-height: none; }
-#heatmaps .thumbnail-item, #compare-heatmaps .thumbnail-item { aspect-ratio: 3.1 / 1; height: auto; }
+#heatmaps .thumbnail-item, #compare-heatmaps .thumbnail-item { aspect-ratio: 2.6 / 1; height: auto; }
 #status strong { color: #b91c1c; }
 """
 
@@ -110,9 +113,14 @@ def build_demo(
     repeats: int = 3,
     frames: int = 4,
     allow_hub: bool = False,
+    preload: bool = False,
+    load_wait_s: float = LOAD_WAIT_S,
 ) -> gr.Blocks:
-    """The page, on a model slot that loads `model` (or what the user types) on first use."""
-    demo = Demo(model=model, device=device, allow_hub=allow_hub)
+    """The page, on a model slot that loads `model` (or what the user types) on first use, or at once with
+    `preload` (in the background)."""
+    demo = Demo(model=model, device=device, allow_hub=allow_hub, load_wait_s=load_wait_s)
+    if preload:
+        demo.models.start_quietly(model)
     methods = vtprune.available()
     default_method = "vtc-cls" if "vtc-cls" in methods else methods[0]
     examples = bundled_examples(examples_dir)
@@ -127,6 +135,8 @@ def build_demo(
         """(report, None), or (None, the error message for the status box)."""
         try:
             return demo.run(req, lambda fraction, text: progress(fraction, desc=text)), None
+        except ModelLoading as loading:
+            return None, f"{str(loading)[0].upper()}{str(loading)[1:]}."
         except VTPruneError as error:
             return None, error_status(error)
         except Exception as error:  # never let one request take the page down
@@ -210,11 +220,13 @@ def build_demo(
                         compare_maps = gr.Gallery(label="Heatmaps per method", columns=2, height="auto", object_fit="contain",
                                                   format="png", elem_id="compare-heatmaps")
                 status_box = gr.Markdown(elem_id="status")
+                model_status = gr.Markdown(demo.models.status(), elem_id="model-status")
 
         shared = [files, question, model_box, budget, frame_count, new_tokens, timing_repeats]
         method.change(on_method, method, [preset, help_box], queue=False)
         run_button.click(on_run, shared + [method, preset, options],
                          [dense_answer, pruned_answer, metrics, maps, status_box], concurrency_id="model")
         compare_button.click(on_compare, shared + [chosen], [table, compare_maps, status_box], concurrency_id="model")
+        gr.Timer(2.0).tick(demo.models.status, None, model_status, queue=False)  # off the queue: never waits
     page.queue(default_concurrency_limit=1)
     return page

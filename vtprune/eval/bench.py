@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 import vtprune
-from vtprune.core import VISUAL_TOKENS, budget_argument, make_at, method_class, parse_method_spec
+from vtprune.core import VISUAL_TOKENS, make_at, method_class, parse_method_spec
 
 from .flops import llm_flops, visual_tokens_per_layer
 from .measure import cache_bytes
@@ -294,6 +294,8 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = getattr(torch, args.dtype) if isinstance(args.dtype, str) else args.dtype
     args.methods = args.methods or default_methods()
     args.skipped = []
     args.grid = method_grid(args.methods, args.budgets)  # unknown method or option: fails before building any model
@@ -323,33 +325,3 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.skipped:
         print(f"\nskipped (refused by the method or model, reason above): {', '.join(args.skipped)}")
     return 0
-
-
-def add_bench(subparsers: Any) -> None:
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-
-    p = subparsers.add_parser("bench", help="speed, memory, KV cache and FLOPs of methods vs dense, as ratios",
-                              description=__doc__, formatter_class=Formatter)
-    p.add_argument("--models", "--model", nargs="+", default=["toy"],
-                   help=f"toy (the embedded model), {LLAVA_15_7B} (random weights, sized by the four options below), "
-                   "or a local path / hub id")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="NAME or NAME:opt=value,opt=value; default: every method (fastv at layer=2). vflowopt runs at "
-                   "keep=N like the others; its presets keep10/25/50 fix the average share kept over the LM's layers, "
-                   "not the final count, so keep50 can end with fewer tokens than keep25")
-    p.add_argument("--budgets", nargs="+", type=budget_argument, default=[64, 128], help="keep values (int or ratio)")
-    p.add_argument("--llm-layers", type=int, default=4, help=f"{LLAVA_15_7B}: decoder layers (the real model: 32)")
-    p.add_argument("--llm-hidden", type=int, default=512, help=f"{LLAVA_15_7B}: LM width, heads of 128 (real: 4096)")
-    p.add_argument("--vision-layers", type=int, default=2, help=f"{LLAVA_15_7B}: vision encoder layers (real: 24)")
-    p.add_argument("--vision-hidden", type=int, default=256,
-                   help=f"{LLAVA_15_7B}: vision encoder width, heads of 64 (real: 1024)")
-    p.add_argument("--text-tokens", type=int, default=60, help=f"{LLAVA_15_7B}: prompt text around the image")
-    p.add_argument("--question", default="what is in the picture?", help="prompt for loaded models")
-    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated for the end-to-end time")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
-    p.add_argument("--dtype", type=lambda s: getattr(torch, s), default=torch.float32, help="float32, bfloat16, ...")
-    p.add_argument("--out", help="folder for bench.md / .csv / .json / .png")
-    p.set_defaults(func=run_bench)

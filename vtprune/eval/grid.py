@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..core import VTPruneError, budget_argument, parse_pairs
+from ..core import VTPruneError, parse_pairs
 from .bench import method_grid
 from .toy_vqa import TASK_DIR
 
@@ -84,6 +84,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .lmms import VTPrune, VTPruneChat
 
     grid = method_grid(args.methods, args.budgets)  # a bad method or option fails before the model loads
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_class = VTPrune if args.force_simple else VTPruneChat
     lm = model_class(base=args.base, pretrained=args.pretrained, device=args.device, **parse_pairs(args.model_arg, "--model-arg"))
     lm.release_after_run = False  # every cell reuses the loaded model
@@ -127,23 +128,3 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"vtprune eval: {len(failed)} configuration(s) failed (above); exit status 1", file=sys.stderr)
         return 1
     return 0
-
-
-def add_eval(subparsers: Any) -> None:
-    p = subparsers.add_parser("eval", help="accuracy and cost of methods x budgets through lmms-eval, one table",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default="llava_hf", help="lmms-eval model family (see vtprune.eval.lmms.BASES)")
-    p.add_argument("--pretrained", default="toy", help="hub id or local path; 'toy' is the embedded model")
-    p.add_argument("--methods", nargs="+", default=["vtc-cls", "fastv:layer=2"],
-                   help="NAME or NAME:opt=value,...; a method with a preset (NAME:preset=P) runs once")
-    p.add_argument("--budgets", nargs="+", type=budget_argument, default=[64, 128])
-    p.add_argument("--tasks", nargs="+", default=["vtprune_toy_vqa"])
-    p.add_argument("--include-path", help="lmms-eval task folder (default: vtprune's tasks)")
-    p.add_argument("--limit", type=float, help="documents per task (lmms-eval --limit)")
-    p.add_argument("--gen-kwargs", help="lmms-eval --gen_kwargs, e.g. max_new_tokens=8")
-    p.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE",
-                   help="argument of the base class, e.g. device_map=cpu, dtype=bfloat16 (repeatable)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--force-simple", action="store_true", help="lmms-eval's simple model class instead of chat")
-    p.add_argument("--out", help="folder for eval.md / .csv / .json")
-    p.set_defaults(func=run_eval)

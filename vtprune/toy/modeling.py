@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
-    CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -92,9 +91,23 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def clip_image_processor() -> type:
+    """transformers' CLIP image processor: the torchvision backend when torchvision is installed, else the PIL one,
+    named explicitly (transformers makes the same choice but warns on every run of a plain pip install)."""
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil
+
+
 def build_processor() -> LlavaProcessor:
     """LlavaProcessor: CLIP image preprocessing at 336 px and the word-level tokenizer."""
-    image_processor = CLIPImageProcessor(
+    image_processor = clip_image_processor()(
         size={"shortest_edge": world.IMAGE_SIZE},
         crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE},
         image_mean=list(CLIP_MEAN),
