@@ -17,11 +17,11 @@ Rows (each a ratio to dense, fastest of `--repeats` interleaved runs; prefill = 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import vtprune
+from vtprune.eval.speed import median_seconds
 
 TEXT_TOKENS = 60
 IMAGE_TOKEN = 32000
@@ -41,26 +41,26 @@ def llava_next_shaped(args: argparse.Namespace) -> torch.nn.Module:
     )
     config = LlavaNextConfig(
         vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
-        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672]], attn_implementation="sdpa",
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672]], attn_implementation=args.attn,
     )
-    return LlavaNextForConditionalGeneration(config).eval().to(args.dtype)
+    return LlavaNextForConditionalGeneration(config).eval().to(args.device, args.dtype)
 
 
 def inputs_for(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    pixel_values = torch.randn(1, 5, 3, 336, 336, dtype=model.dtype, generator=torch.Generator().manual_seed(0))
-    image_sizes = torch.tensor([[672, 672]])
+    pixel_values = torch.randn(1, 5, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    pixel_values = pixel_values.to(model.device, model.dtype)
+    image_sizes = torch.tensor([[672, 672]], device=model.device)
     with torch.no_grad():
         tokens = model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes).pooler_output[0]
     half = TEXT_TOKENS // 2
     ids = [1] + list(range(2, 2 + half)) + [IMAGE_TOKEN] * tokens.shape[0] + list(range(2, 2 + TEXT_TOKENS - half))
-    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+    input_ids = torch.tensor([ids], device=model.device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
             "pixel_values": pixel_values, "image_sizes": image_sizes}
 
 
 def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return median_seconds(fn, repeats=1, warmup=0)  # synchronises CUDA around the call
 
 
 def main() -> int:
@@ -74,6 +74,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int)
     p.add_argument("--dtype", type=lambda s: getattr(torch, s), default=torch.float32)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"],
+                   help="the model's attention implementation")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,7 +114,7 @@ def main() -> int:
     width = model.config.get_text_config().hidden_size
 
     def bound(length: int):
-        embeds = torch.randn(1, length, width, dtype=model.dtype)
+        embeds = torch.randn(1, length, width, dtype=model.dtype, device=model.device)
 
         def run():
             with torch.no_grad():

@@ -153,6 +153,8 @@ def add_bench(subparsers: Any) -> None:
     p.add_argument("--device", default=None, help=f"cpu, cuda, cuda:N ({AUTO_DEVICE})")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="the model's dtype")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"],
+                   help="the model's attention implementation (flash_attention_2 needs the flash-attn package)")
     p.add_argument("--out", help="folder for bench.md / .csv / .json / .png")
     p.set_defaults(func=command("vtprune.eval.bench:run_bench"))
 

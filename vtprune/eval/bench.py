@@ -99,6 +99,7 @@ def load_shape(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, di
         image = Image.merge("RGB", (ramp, ramp.transpose(Image.Transpose.ROTATE_90), Image.new("L", ramp.size, 90)))
         inputs = prepare(processor, [image], args.question)
         model.generation_config.eos_token_id = None  # always decode the requested number of tokens
+    model.set_attn_implementation(args.attn)
     model = model.to(args.device, args.dtype)
     inputs = {k: v.to(args.device) for k, v in inputs.items()}
     return model, {k: v.to(args.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
