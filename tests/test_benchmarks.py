@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
@@ -25,3 +26,19 @@ def test_help_runs(script):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout
+
+
+def test_the_gpu_script_refuses_a_used_folder_and_a_missing_gpu(tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "bench.md").write_text("earlier results")
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable}
+    script = str(ROOT / "benchmarks" / "gpu.sh")
+    refused = subprocess.run(["bash", script, str(used)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "already holds results" in refused.stderr
+    assert (used / "bench.md").read_text() == "earlier results"
+    if not torch.cuda.is_available():
+        no_gpu = subprocess.run(["bash", script, str(tmp_path / "new")], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert no_gpu.returncode != 0 and "no CUDA GPU" in no_gpu.stderr
+        assert not (tmp_path / "new").exists()
