@@ -149,6 +149,9 @@ def add_bench(subparsers: Any) -> None:
     p.add_argument("--text-tokens", type=int, default=60, help=f"{LLAVA_15_7B}: prompt text around the image")
     p.add_argument("--question", default="what is in the picture?", help="prompt for loaded models")
     p.add_argument("--new-tokens", type=int, default=8, help="tokens generated for the end-to-end time")
+    p.add_argument("--batch", type=positive_int, default=1,
+                   help=f"prompts per call ({LLAVA_15_7B}: sample b holds 1 + b %% 2 images, a ragged batch; "
+                   "a loaded model repeats its prompt)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None, help=f"cpu, cuda, cuda:N ({AUTO_DEVICE})")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")

@@ -86,7 +86,7 @@ FIRST_CUT = {"fastv": 2, "transprune": 2, "dart": 2, "pyramiddrop": 2, "spatten"
 def test_keep_k_shortens_sequence_and_cache(tiny_llava, batch, name):
     method = vtprune.make(name, **KEEP_FOUR[name])
     images = torch.tensor([1, 2])
-    text = batch["input_ids"].shape[1] - 16 * images  # text and padding tokens (a cut keeps both)
+    text = batch["attention_mask"].sum(1) - 16 * images  # text tokens (a cut keeps them, and only the padding needed)
     seen = {}
 
     def record_layer_input(index):
@@ -104,7 +104,7 @@ def test_keep_k_shortens_sequence_and_cache(tiny_llava, batch, name):
     kept_lengths = text + 4 * images  # text + K per image, per sample
     full = batch["input_ids"].shape[1]
     cut = FIRST_CUT.get(name, 0)
-    pruned = int(kept_lengths.max())  # ragged samples are left padded to the longest
+    pruned = int(kept_lengths.max())  # ragged samples are left padded to the longest, spare padding dropped
     for index in range(len(layers)):
         expected = full if index < cut else pruned
         assert seen[index] == expected

@@ -300,8 +300,8 @@ def test_generate_under_a_cut_equals_the_hand_made_reference(model, case, method
             handle.remove()
         kept, layout = kept_per_item(trace)
         expected, expected_logits = reference_generate(model, batch, layout, kept, cut_layer, renumber)
-    if cut_layer == 0:  # the language model's prefill holds the text (and padding) and the kept visual tokens only
-        length = batch["input_ids"].shape[1]
+    if cut_layer == 0:  # the prefill holds the longest sample's text and kept visual tokens (spare padding dropped)
+        length = batch["attention_mask"].sum(1)
         visual = ((batch["input_ids"] == IMAGE) | (batch["input_ids"] == VIDEO)).sum(1)
         kept_count = torch.tensor([site.kept.numel() for site in trace.forwards[0].sites])
         assert seen[0] == int((length - visual + kept_count).max())

@@ -58,6 +58,24 @@ def test_bench_writes_tables_and_plot_with_ratios_to_dense(tiny, tmp_path, capsy
         assert row["schedule"] > 0 and row["over_schedule"] == pytest.approx(row["prefill"] / row["schedule"])
 
 
+def test_bench_batch_is_ragged_and_a_cut_shrinks_it_to_its_longest_sample(tmp_path):
+    """--batch 2 on the LLaVA-1.5 shape: sample 0 has one image, sample 1 two (left padding). Keeping 64 per image
+    leaves 60 + 64 and 60 + 128 tokens: the batch's cache is as long as the longer one, not padded to the prompt."""
+    code = main([
+        "bench", "--model", "llava-1.5-7b", "--llm-layers", "2", "--llm-hidden", "128", "--vision-layers", "1",
+        "--vision-hidden", "64", "--methods", "random", "--budgets", "64", "--repeats", "1", "--new-tokens", "1",
+        "--batch", "2", "--out", str(tmp_path), "--device", "cpu",
+    ])
+    assert code == 0
+    dense, pruned = json.loads((tmp_path / "bench.json").read_text())
+    assert (pruned["visual_before"], pruned["visual_after"]) == (3 * 576, 3 * 64)  # batch totals
+    prompts, kept = (60 + 576, 60 + 2 * 576), (60 + 64, 60 + 128)
+    assert pruned["kv_cache"] == pytest.approx(max(kept) / max(prompts))  # padded lengths, same layers and widths
+    assert pruned["flops"] == pytest.approx(
+        sum(layer_flops(n, 128, 320) for n in kept) / sum(layer_flops(n, 128, 320) for n in prompts)
+    )
+
+
 def test_eval_runs_a_grid_through_lmms_eval_and_writes_one_table(tiny, tmp_path, capsys):
     code = main([
         "eval", "--pretrained", str(tiny), "--methods", "vtc-cls:start_layer=0", "random", "--budgets", "4",

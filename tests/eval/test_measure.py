@@ -44,6 +44,6 @@ def test_cache_bytes_count_every_layer_at_its_own_length(tiny_llava, batch):
     for method, first in ((vtprune.make("random", keep=4), 0), (vtprune.make("fastv", keep=4, layer=2), 2)):
         with torch.no_grad(), method(tiny_llava):
             out = tiny_llava(**batch, use_cache=True)
-        # padding stays like text: sample 0 (one image, 12 tokens go) is now the longest sample
-        kept = [length] * first + [length - 12] * (layers - first)
+        # only the padding the longest sample needs stays: sample 1 (two images, 24 tokens go, no padding) is longest
+        kept = [length] * first + [length - 24] * (layers - first)
         assert cache_bytes(out.cache) == sum(2 * 2 * heads * n * dim * 4 for n in kept)  # k and v, batch 2, fp32

@@ -20,9 +20,12 @@ def vision_inputs(batch):
     return {"pixel_values": batch["pixel_values"][:1]}
 
 
-def test_at_the_prompt_length_it_is_the_dense_language_model(model):
-    run = schedule_forward(model, vision_inputs(padded_batch()), [9] * model.config.text_config.num_hidden_layers)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_at_the_prompt_length_it_is_the_dense_language_model(model, batch):
+    run = schedule_forward(model, vision_inputs(padded_batch()), [9] * model.config.text_config.num_hidden_layers,
+                           batch)
     logits, cache = run()
+    assert run.hidden.shape[0] == batch and logits.shape[:2] == (batch, 1)
     with torch.no_grad():
         dense = model.model.language_model(inputs_embeds=run.hidden).last_hidden_state[:, -1:]
         torch.testing.assert_close(logits, model.lm_head(dense), atol=1e-5, rtol=1e-5)

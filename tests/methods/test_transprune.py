@@ -133,13 +133,14 @@ def test_per_layer_cache_lengths_follow_the_schedule(llava16):
     with torch.no_grad(), method(llava16):
         out = llava16(**batch, use_cache=True)
     images = torch.tensor([1, 2])
-    text = batch["input_ids"].shape[1] - 16 * images  # text and padding (a cut keeps both)
+    text = batch["attention_mask"].sum(1) - 16 * images  # text (a cut keeps it, and only the padding needed)
     per_sample = [text + math.floor(16 * r) * images for r in (1.0, *RATIOS)]  # stage -> [2] lengths
     stage = [sum(layer >= p for p in PRUNE) for layer in range(16)]
     expected = [int(per_sample[s].max()) for s in stage]  # ragged samples are left padded to the longest
     assert [out.cache.layers[i].keys.shape[-2] for i in range(16)] == expected  # physical lengths
     assert {out.cache.get_seq_length(i) for i in range(16)} == {batch["input_ids"].shape[1]}  # logical
-    assert expected == [37] * 7 + [35] * 2 + [31] * 3 + [23] * 4  # sample 0 (one image, padded) is the longest
+    # sample 1 (two images, no padding) is the longest once cuts start; sample 0 drops the padding it no longer needs
+    assert expected == [37] * 7 + [33] * 2 + [25] * 3 + [9] * 4
     with torch.no_grad():  # the reference's batch-1 caches for sample 1 (no padding) agree with its own lengths
         *_, lengths = reference(llava16, *sample_inputs(batch, 1))
     assert [length - (STEPS - 1) for length in lengths] == [int(per_sample[s][1]) for s in stage]

@@ -1,8 +1,9 @@
 """A keep plan compiled for one sequence: the gather indices every site applies through `vtprune.kernels.apply_cut`.
 
 `compile_cut` validates the plan once and turns it, on the CPU, into what the kernels need: per sample the sequence
-positions kept (every non-visual position, padding included, and the kept visual tokens), a left-padded gather index, the sequence-space merges in
-CSR form (in sequence positions), the permutation `KeepPlan.order` asks for, and the layout after the cut.
+positions kept (every text position, the padding the new length still needs, and the kept visual tokens), a
+left-padded gather index, the sequence-space merges in CSR form (in sequence positions), the permutation
+`KeepPlan.order` asks for, and the layout after the cut.
 """
 
 from __future__ import annotations
@@ -67,12 +68,16 @@ def left_padded_index(keep: list[Tensor], device: torch.device | str | None = No
     return index.to(device), valid.to(device)
 
 
-def compile_cut(plan: KeepPlan, layout: VisualLayout) -> Cut:
-    """Validate `plan` against `layout` and compile it. Padding positions are kept like text (a keep-all plan
-    changes nothing, whatever the mask); a sample that keeps fewer tokens gets more left padding."""
+def compile_cut(plan: KeepPlan, layout: VisualLayout, padding: Tensor | None = None) -> Cut:
+    """Validate `plan` against `layout` and compile it. Padding positions are kept like text, as many as the new
+    length needs: `padding` ([B, L] bool, True at padding) lets a sample drop the padding it no longer needs, so a
+    ragged batch shrinks to its longest sample (a keep-all plan still changes nothing, whatever the mask); a sample
+    that keeps fewer tokens gets more left padding."""
     plan.validate(layout)
     batch, length = layout.batch_size, layout.seq_len
     keep = plan.keep_positions(layout)
+    if padding is not None:
+        keep = _without_spare_padding(keep, padding.cpu())
     index, valid = left_padded_index(keep)
     new_length = index.shape[1]
     new_position = []
@@ -91,6 +96,24 @@ def compile_cut(plan: KeepPlan, layout: VisualLayout) -> Cut:
         reorder=_reorder(plan, layout, new_position, new_length),
         layout=layout.after_keep(order, new_position, new_length),
     )
+
+
+def _without_spare_padding(keep: list[Tensor], padding: Tensor) -> list[Tensor]:
+    """Per sample, the kept positions less the padding beyond what the batch's new length needs: that length is the
+    most real tokens any sample keeps plus the padding every sample has; each sample keeps its last pads up to it."""
+    pads = [padding[b, kept] for b, kept in enumerate(keep)]  # per sample [n_b] bool: is each kept position padding
+    real = [int((~p).sum()) for p in pads]
+    length = max(real, default=0) + min((int(p.sum()) for p in pads), default=0)
+    out = []
+    for kept, pad, n in zip(keep, pads, real):
+        spare = int(pad.sum()) - max(length - n, 0)  # the first `spare` pads go
+        if spare > 0:
+            drop = pad.nonzero().squeeze(1)[:spare]
+            mask = torch.ones(kept.numel(), dtype=torch.bool)
+            mask[drop] = False
+            kept = kept[mask]
+        out.append(kept)
+    return out
 
 
 def _merge_table(plan: KeepPlan, layout: VisualLayout) -> MergeTable | None:

@@ -15,6 +15,9 @@ For every model shape, method and budget (rows), each a ratio to the dense model
   CPU: peak resident set size, see `vtprune.eval.memory`; measured after all timings, one run each);
 - KV cache bytes after the prefill (layers cut at different depths hold different lengths);
 - analytic LLM prefill FLOPs (`vtprune.eval.flops`: 4·n·d² + 2·n²·d + 3·n·d·m per decoder layer, each layer's n).
+`--batch N` runs N prompts per call: on `llava-1.5-7b` sample b holds 1 + b % 2 images, so the batch is ragged
+(left padding, different kept counts per sample; the bound and the schedule run at the longest sample's lengths, as a
+padded batch does); a loaded model repeats its prompt. Visual tokens and FLOPs are then batch totals.
 Methods with a `keep` run at every `--budgets` value; presets (`transprune:preset=high`) are budgets of their own.
 Model shapes: `llava-1.5-7b` (CLIP-L/336 tower, 576 visual tokens, Llama LM, random weights; `--llm-layers`,
 `--llm-hidden`, `--vision-layers`, `--vision-hidden` scale it down), `toy` (the embedded model), or a local path / hub
@@ -77,18 +80,28 @@ def llava15_shaped(
     return model
 
 
-def llava15_inputs(text_tokens: int) -> dict[str, torch.Tensor]:
-    """One image (576 tokens) inside `text_tokens` text tokens, random pixels."""
+def llava15_inputs(text_tokens: int, batch: int = 1) -> dict[str, torch.Tensor]:
+    """`batch` prompts, each its images (576 tokens each, random pixels) inside `text_tokens` text tokens. Sample b
+    holds 1 + b % 2 images, so a batch is ragged: different visual counts, left padding, different kept counts."""
     before = text_tokens // 2
-    ids = torch.tensor([[1] + [500] * (before - 1) + [32000] * 576 + [600] * (text_tokens - before)])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 336, 336)}
+    rows = [[1] + [500] * (before - 1) + [32000] * 576 * (1 + b % 2) + [600] * (text_tokens - before)
+            for b in range(batch)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])
+    images = sum(1 + b % 2 for b in range(batch))
+    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "pixel_values": torch.randn(images, 3, 336, 336)}
+
+
+def repeated(inputs: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+    """One prompt's inputs as a batch of `batch` identical samples (every tensor is per sample along dim 0)."""
+    return {k: v.repeat(batch, *[1] * (v.dim() - 1)) for k, v in inputs.items()}
 
 
 def load_shape(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """(model, prompt inputs) of a model shape, on `args.device`."""
     if name == LLAVA_15_7B:
         model = llava15_shaped(args.llm_hidden, args.llm_layers, args.vision_hidden, args.vision_layers)
-        inputs = llava15_inputs(args.text_tokens)
+        inputs = llava15_inputs(args.text_tokens, args.batch)
     else:
         from PIL import Image
 
@@ -97,7 +110,7 @@ def load_shape(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, di
         model, processor = load(name)
         ramp = Image.linear_gradient("L").resize((336, 336))
         image = Image.merge("RGB", (ramp, ramp.transpose(Image.Transpose.ROTATE_90), Image.new("L", ramp.size, 90)))
-        inputs = prepare(processor, [image], args.question)
+        inputs = repeated(prepare(processor, [image], args.question), args.batch)
         model.generation_config.eos_token_id = None  # always decode the requested number of tokens
     model.set_attn_implementation(args.attn)
     model = model.to(args.device, args.dtype)
@@ -175,10 +188,10 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
     model, inputs = load_shape(name, args)
     text = model.config.get_text_config()
     dims, layers = (text.hidden_size, text.intermediate_size), text.num_hidden_layers
-    prompt = inputs["input_ids"].shape[1]
+    prompts = inputs["attention_mask"].sum(1).tolist()  # each sample's prompt without its padding
     dense = Config(model, inputs, None, args.new_tokens)
     rows = [Row(name, "dense", None, None, None, 0.0, None, None, None, None, 0.0, 0.0, None,
-                cache_bytes(dense.prefill()[0].cache), llm_flops([prompt] * layers, *dims))]
+                cache_bytes(dense.prefill()[0].cache), sum(llm_flops([p] * layers, *dims) for p in prompts))]
     grid = []
     for method_name, keep, method in args.grid:  # warm up, skip what this model refuses, count what is kept
         config = Config(model, inputs, method, args.new_tokens)
@@ -189,25 +202,30 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
             args.skipped.append(f"{name} {method_name} keep={keep}")
             bar.update(3 * args.repeats + 1)
             continue
-        before, after = trace.visual_tokens(0)[0]
+        visual = trace.visual_tokens(0)  # per sample: (at the LLM input, after the last cut)
         if set(method.sites) & {"pre_llm", "llm_layer"}:
-            lengths = layer_lengths(prompt, before, visual_tokens_per_layer(trace, layers, forward=0))
+            per_sample = [layer_lengths(p, before, visual_tokens_per_layer(trace, layers, forward=0, sample=b))
+                          for b, (p, (before, _)) in enumerate(zip(prompts, visual))]
         else:  # a cache or attention site leaves the prefill's sequence whole
-            lengths = [prompt] * layers
-        grid.append((method_name, keep, config, tuple(lengths)))
-        flops = llm_flops(lengths, *dims)
+            per_sample = [[p] * layers for p in prompts]
+        padded = tuple(map(max, zip(*per_sample)))  # what the batch runs: the longest sample at every layer
+        bound = max(p - before + after for p, (before, after) in zip(prompts, visual))
+        grid.append((method_name, keep, config, padded, bound))
+        flops = sum(llm_flops(lengths, *dims) for lengths in per_sample)
+        before, after = (sum(counts) for counts in zip(*visual))
         rows.append(Row(name, method_name, keep, before, after, 0.0, None, None, None, None, 0.0, 0.0, None,
                         cache_bytes(out.cache) / rows[0].kv_cache, flops / rows[0].flops))
     rows[0].visual_before = rows[0].visual_after = rows[1].visual_before if len(rows) > 1 else None
-    configs = [dense] + [config for _, _, config, _ in grid]
+    configs = [dense] + [config for _, _, config, *_ in grid]
     for config in configs:
         config.generate(1)
 
     # the bound: the vision encoder, then the dense language model on the pruned length (no scoring, no hooks)
     vision_inputs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes") if k in inputs}
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    lengths = sorted({prompt - (r.visual_before - r.visual_after) for r in rows[1:]})
-    embeds = {n: torch.randn(1, n, text.hidden_size, device=args.device, dtype=args.dtype) for n in lengths}
+    lengths = sorted({bound for *_, bound in grid})
+    batch = inputs["input_ids"].shape[0]
+    embeds = {n: torch.randn(batch, n, text.hidden_size, device=args.device, dtype=args.dtype) for n in lengths}
 
     def free_cut(length: int) -> None:
         with torch.no_grad():
@@ -215,7 +233,7 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
             head(decoder(inputs_embeds=embeds[length]).last_hidden_state[:, -1:])
 
     bound_times: dict[int, list[float]] = {n: [] for n in lengths}
-    schedules = {lengths: schedule_forward(model, vision_inputs, list(lengths)) for *_, lengths in grid}
+    schedules = {padded: schedule_forward(model, vision_inputs, list(padded), batch) for *_, padded, _ in grid}
     schedule_times: dict[tuple[int, ...], list[float]] = {lengths: [] for lengths in schedules}
     for _ in range(args.repeats):  # interleaved: drift on a busy machine hits every configuration alike
         for config in configs:
@@ -233,9 +251,9 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
     dense_row = rows[0]
     dense_row.prefill, dense_row.ttft = dense.best("prefill"), dense.best("ttft")
     dense_row.end_to_end, dense_row.peak_memory = dense.best("end_to_end"), dense.memory
-    for row, (_, _, config, schedule) in zip(rows[1:], grid):
+    for row, (_, _, config, schedule, bound) in zip(rows[1:], grid):
         row.prefill = config.best("prefill") / dense_row.prefill
-        row.bound = min(bound_times[prompt - (row.visual_before - row.visual_after)]) / dense_row.prefill
+        row.bound = min(bound_times[bound]) / dense_row.prefill
         row.overhead = row.prefill / row.bound
         row.schedule = min(schedule_times[schedule]) / dense_row.prefill
         row.over_schedule = row.prefill / row.schedule
@@ -310,7 +328,8 @@ def run_bench(args: argparse.Namespace) -> int:
             rows += bench_model(name, args, bar)
     table = markdown(rows, args.new_tokens)
     print(f"\nCPU threads: {torch.get_num_threads()}, device: {args.device}, dtype: {str(args.dtype)[6:]}, "
-          f"fastest of {args.repeats}; dense row: absolute values, other rows: ratios to dense\n")
+          f"batch {args.batch} (visual tokens: batch totals), fastest of {args.repeats}; "
+          "dense row: absolute values, other rows: ratios to dense\n")
     print(table)
     if args.out:
         out = Path(args.out)

@@ -24,10 +24,13 @@ def layer_lengths(prompt: int, visual_before: int, visual_per_layer: list[int]) 
     return [prompt - visual_before + n for n in visual_per_layer]
 
 
-def schedule_forward(model: Any, vision_inputs: dict, lengths: list[int]) -> Callable[[], tuple[Tensor, Any]]:
+def schedule_forward(
+    model: Any, vision_inputs: dict, lengths: list[int], batch: int = 1
+) -> Callable[[], tuple[Tensor, Any]]:
     """A function running `model`'s vision encoder, then its decoder layers at `lengths` (one per layer, never
-    growing), then the LM head on the last row: the schedule bound of a method whose trace gave `lengths`. It returns
-    (last-row logits [1, 1, V], the cache) and keeps its random input in `run.hidden` ([1, lengths[0], D])."""
+    growing) on `batch` samples, then the LM head on the last row: the schedule bound of a method whose trace gave
+    `lengths`. It returns (last-row logits [batch, 1, V], the cache) and keeps its random input in `run.hidden`
+    ([batch, lengths[0], D])."""
     if any(b > a for a, b in pairwise(lengths)):
         raise ValueError(f"layer lengths must not grow: {lengths}")
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -35,7 +38,8 @@ def schedule_forward(model: Any, vision_inputs: dict, lengths: list[int]) -> Cal
     if len(lengths) != len(layers):
         raise ValueError(f"{len(lengths)} lengths for {len(layers)} decoder layers")
     parameter = next(decoder.parameters())
-    hidden0 = torch.randn(1, lengths[0], decoder.config.hidden_size, device=parameter.device, dtype=parameter.dtype)
+    hidden0 = torch.randn(batch, lengths[0], decoder.config.hidden_size, device=parameter.device,
+                          dtype=parameter.dtype)
     # rows kept before each layer that shortens the sequence: evenly spread over what the previous layer saw
     cuts = {
         i: torch.linspace(0, lengths[i - 1] - 1, lengths[i], device=parameter.device).round().long()
@@ -53,7 +57,7 @@ def schedule_forward(model: Any, vision_inputs: dict, lengths: list[int]) -> Cal
                 if i in cuts:
                     hidden, positions = hidden.index_select(1, cuts[i]), positions.index_select(1, cuts[i])
                     rotary = decoder.rotary_emb(hidden, position_ids=positions)
-                # no mask: one unpadded sample, so SDPA runs causal, as the dense prefill does
+                # no mask: SDPA runs causal, as an unpadded prefill does (padding costs the same either way)
                 hidden = layer(hidden, attention_mask=None, position_embeddings=rotary, position_ids=positions,
                                cache=cache, use_cache=True)
             return head(decoder.norm(hidden[:, -1:])), cache

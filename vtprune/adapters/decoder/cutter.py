@@ -332,7 +332,8 @@ class DecoderCutter:
         state = self.prefill
         with torch.no_grad():
             plan = self.method.plan(ctx)
-        cut = compile_cut(plan, ctx.layout)  # text and padding stay; samples are left-padded to the longest again
+        # text stays, and as much padding as the longest sample needs; samples are left-padded to it again
+        cut = compile_cut(plan, ctx.layout, padding=segment.mask2d == 0)
         state.record.sites.extend(site_records(ctx, plan))
         positions, offset = self.reposition(
             self.method.position_mode(ctx), ctx.layout, cut.keep, segment.positions, segment.offset
