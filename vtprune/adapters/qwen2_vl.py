@@ -1,24 +1,35 @@
 """Adapter for transformers' Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
-`Qwen2_5_VLForConditionalGeneration`), the family GUI agents such as UI-TARS belong to.
+`Qwen2_5_VLForConditionalGeneration`), the family GUI agents such as UI-TARS belong to: images and videos.
 
 Visual tokens: every image is a run of `<|image_pad|>` tokens between `<|vision_start|>` and `<|vision_end|>`, one token
 per merged patch, row-major on the grid (rows, cols) = image_grid_thw[1:] // spatial_merge_size. Several images per
 prompt (the screenshots of a GUI history) are spans in prompt order; a sample's last span is its current screenshot.
+A video of video_grid_thw (T, H, W) is one run of T * rows * cols `<|video_pad|>` tokens: T temporal groups (each
+temporal_patch_size frames merged by the tower), each rows x cols tokens row-major. The layout has one span per
+temporal group (kind "frame", `video` set, so `scope="video"` budgets a whole video); images are numbered 0..I-1 in
+encoder order, frames I, I+1, ...
 
 Positions (M-RoPE): every token has three ids (t, h, w). Text has t = h = w; an image whose first token follows
-position p - 1 gets (p, p + row, p + col), and the text after it continues at p + max(rows, cols). Under generate() a
-fourth, first row carries the plain sequence index (transformers uses it for masks and packed FlashAttention only).
+position p - 1 gets (p, p + row, p + col), and the text after it continues at p + max(rows, cols). A video starting at
+p gives token (g, row, col) of temporal group g the ids (p + int(g * step), p + row, p + col), with step 1 (Qwen2-VL)
+or tokens_per_second * second_per_grid_t (Qwen2.5-VL), and the text after the whole video continues at
+p + max(rows, cols) too: t does not move the text (transformers 5.25's `get_rope_index`). Under generate() a fourth,
+first row carries the plain sequence index (transformers uses it for masks and packed FlashAttention only).
 - "original" (FastV, kv_cache methods): every kept token keeps its (t, h, w); decoding continues where the unpruned
   prompt would.
-- "renumber" (pre-LLM cuts): each kept image token keeps its ids relative to its image's start p, and everything after
-  an image moves back so that it continues right after the image's largest kept id: the image's extent becomes
-  1 + max over its kept tokens of max(t, h, w) - p (0 if none is kept) instead of max(rows, cols). Decoding moves back
-  by the sum of the extents lost. That sum is the change of the model's rope delta: the model keeps computing positions
-  (and `model.model.rope_deltas`) for the unpruned prompt, untouched, and the cutter subtracts it from every incoming
-  position. In both modes the sequence-index row is renumbered to the compacted sequence.
+- "renumber" (pre-LLM cuts): each kept token keeps its ids relative to its item's start p (an image, or a whole video:
+  its temporal groups share p), and everything after an item moves back so that it continues right after the item's
+  largest kept spatial id: the item's extent becomes 1 + max over its kept tokens of max(h, w) - p (0 if none is
+  kept) instead of max(rows, cols). Decoding moves back by the sum of the extents lost, as the prompt's last token
+  does (generate() decodes from the last prompt position + 1). That sum is the change of the model's rope delta: the
+  model keeps computing positions (and `model.model.rope_deltas`) for the unpruned prompt, untouched, and the cutter
+  subtracts it from every incoming position. In both modes the sequence-index row is renumbered to the compacted
+  sequence.
 
-Sites: `pre_llm`, `llm_layer`, `kv_cache`. Signals: `QueryAttention`, `PrefillKV`. The vision tower has no [CLS]
-token, so methods that need `ClsAttention` (vtc-cls) are refused; videos are refused.
+Sites: `pre_llm`, `llm_layer`, `kv_cache`, `llm_attention`. Signals: the language model's (`QueryAttention`,
+`PrefillKV`, `Transitions`, ...). The vision tower has no [CLS] token, so methods that need `ClsAttention` (vtc-cls)
+are refused. Also refused: images with more than one temporal patch (pass them as videos), media in a call that
+continues a cache.
 """
 
 from __future__ import annotations
