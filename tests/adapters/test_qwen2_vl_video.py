@@ -76,6 +76,16 @@ def test_keep_all_reproduces_dense(case, name, options):
     assert trace.visual_tokens() == [(n, n) for n in visual_counts(batch).tolist()]
 
 
+def test_keep_all_beam_search_reproduces_dense(case):
+    """generate() encodes each sample's images and videos once, then repeats the rows for the beams."""
+    model, batch = case[:2]
+    options = {"max_new_tokens": 2, "num_beams": 2, "do_sample": False}
+    with torch.no_grad():
+        dense = model.generate(**batch, **options)
+        with vtprune.make("fastv", keep=1.0, layer=1)(model):
+            assert torch.equal(model.generate(**batch, **options), dense)
+
+
 def test_layout_has_a_span_per_temporal_group(case):
     model, batch = case[:2]
     with torch.no_grad(), vtprune.make("random", keep=1.0)(model) as trace:
