@@ -77,7 +77,8 @@ def build_qwen_processor(kind: str = "qwen2-vl"):
     )
     patches = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
     images = Qwen2VLImageProcessor(size={"shortest_edge": 64, "longest_edge": 96 * 96}, **patches)
-    videos = Qwen2VLVideoProcessor(**patches)
+    videos = Qwen2VLVideoProcessor(size={"shortest_edge": 64, "longest_edge": 16 * 64 * 64}, do_sample_frames=False,
+                                   **patches)
     cls = Qwen2VLProcessor if kind == "qwen2-vl" else Qwen2_5_VLProcessor
     return cls(image_processor=images, tokenizer=tokenizer, video_processor=videos, chat_template=CHAT_TEMPLATE)
 
@@ -102,3 +103,23 @@ def two_screenshot_batch(processor) -> dict[str, torch.Tensor]:
     ]
     images = screens()
     return dict(processor(images=[images[0], images[1], images[2], images[3]], text=texts, return_tensors="pt", padding=True))
+
+
+def video_batch(processor) -> dict[str, torch.Tensor]:
+    """Batch of 2, left padded, images and videos mixed: sample 0 a 4-frame 48×32 video at 2 fps (2 temporal groups of
+    4×6 tokens, 1 s each) and a 48×32 screenshot; sample 1 a 6-frame 32×32 video at 0.25 fps (3 groups of 4×4 tokens,
+    8 s each: under Qwen2.5-VL its last groups' t ids lie beyond the text after it)."""
+    import numpy as np
+
+    shot = "<|vision_start|><|image_pad|><|vision_end|>"
+    clip = "<|vision_start|><|video_pad|><|vision_end|>"
+    texts = [
+        f"<|im_start|>user\n{clip}what happens? {shot}<|im_end|>\n<|im_start|>assistant\n",
+        f"<|im_start|>user\nthe clip: {clip}describe it<|im_end|>\n<|im_start|>assistant\n",
+    ]
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 256, size=(frames, h, w, 3), dtype=np.uint8) for frames, h, w in ((4, 32, 48), (6, 32, 32))]
+    metadata = [{"fps": fps, "total_num_frames": len(v), "frames_indices": list(range(len(v)))}
+                for fps, v in zip((2.0, 0.25), videos)]
+    return dict(processor(images=[screens()[1]], videos=videos, video_metadata=metadata, text=texts,
+                          return_tensors="pt", padding=True))

@@ -28,32 +28,21 @@ sequences (media encoded once, then repeated per row) are followed.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from ..core.adapter import Adapter, register_adapter
+from ..core.adapter import register_adapter
 from ..core.errors import VTPruneError
-from ..core.layout import VisualLayout, VisualSpan
-from ..core.signals import ModelInfo, PrefillKV, Transitions
-from .common import (
-    call_arguments,
-    continues_cache,
-    expanded_items,
-    media_in_call,
-    placeholder_mask,
-    qwen_model_info,
-    swap_class,
-    token_runs,
-    transformers_classes,
-)
+from ..core.signals import PrefillKV, Transitions
+from .common import swap_class, transformers_classes
 from .decoder import LLM_SIGNALS
-from .qwen2_vl import MRopeCutter
+from .qwen2_vl import MRopeCutter, QwenMediaAdapter
 
 if TYPE_CHECKING:
+    from ..core.layout import VisualLayout
     from ..core.method import Method, SiteContext
     from ..core.trace import Trace
     from .decoder import Segment
@@ -116,71 +105,25 @@ class DeepStackCutter(MRopeCutter):
 
 
 @register_adapter
-class Qwen3VLAdapter(Adapter):
+class Qwen3VLAdapter(QwenMediaAdapter):
     family = "qwen3-vl"
     sites = frozenset({"pre_llm", "llm_layer", "kv_cache", "llm_attention"})
     signals = frozenset({PrefillKV, Transitions}) | LLM_SIGNALS
+    cutter_class = DeepStackCutter
+    cutter: DeepStackCutter
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return isinstance(model, transformers_classes("Qwen3VLForConditionalGeneration",
                                                         "Qwen3VLMoeForConditionalGeneration"))
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        config = model.config
-        self.inner = model.model
-        self.language_model = self.inner.language_model
-        self.image_token_id = config.image_token_id
-        self.video_token_id = config.video_token_id
-        self.merge = config.vision_config.spatial_merge_size
-        self._info = qwen_model_info(self.family, self.language_model, self.inner.visual, config.vision_config)
-        self.cutter = DeepStackCutter(self, self.language_model)
-        self._masks: tuple[Tensor, Tensor] | None = None  # image / video placeholders of the current prefill
-        self._grids: dict[str, Tensor | None] = {}  # grids of the current prefill
-        self._encoded: dict[str, Tensor] = {}  # the last grids encoded per modality (generate() passes none)
-        self._encoding = False  # inside a recorded encoder call
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
     def attach(self, method: Method, trace: Trace) -> None:
-        overrides = {
-            "get_image_features": self._recording("get_image_features", "image"),
-            "get_video_features": self._recording("get_video_features", "video"),
-        }
-        swap_class(self.inner, overrides, self)
         swap_class(self.language_model, {"_deepstack_process": self._injection()}, self)
-        self.hook(self.inner, self._on_model)
-        self.cutter.attach(method, trace, method.requests(self.info))
-        self.on_detach(self._forget)
+        super().attach(method, trace)
 
     def _forget(self) -> None:
-        self._masks, self._grids, self._encoded = None, {}, {}
+        super()._forget()
         self.cutter.deepstack = None
-
-    def _recording(self, name: str, modality: str) -> Any:
-        """An override of the model's encoder method `name` that records the grids it encodes (generate() encodes the
-        media before the prefill and passes the model no grid)."""
-        original = getattr(type(self.inner), name)
-        adapter = self
-
-        @functools.wraps(original)  # generate() reads the method's signature to pick its arguments
-        def encode(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            if not adapter.active() or adapter._encoding:  # Qwen3-VL encodes videos through get_image_features
-                return original(model, *args, **kwargs)
-            arguments = call_arguments(original, (model, *args), kwargs)
-            grid = arguments.get("video_grid_thw" if modality == "video" else "image_grid_thw")
-            if grid is not None:
-                adapter._encoded[modality] = grid
-            adapter._encoding = True
-            try:
-                return original(model, *args, **kwargs)
-            finally:
-                adapter._encoding = False
-
-        return encode
 
     def _injection(self) -> Any:
         original = type(self.language_model)._deepstack_process
@@ -194,92 +137,9 @@ class Qwen3VLAdapter(Adapter):
 
         return _deepstack_process
 
-    # ------------------------------------------------------------------------------------------- layout
-    def _on_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        arguments = call_arguments(module.forward, args, kwargs)
-        if continues_cache(arguments):
-            self._masks = None
-            return
-        media = media_in_call(arguments)
-        is_image = placeholder_mask(self.inner, arguments, self.image_token_id, "image" in media)
-        is_video = placeholder_mask(self.inner, arguments, self.video_token_id, "video" in media)
-        self._masks = (is_image, is_video)
-        self._grids = {
-            m: arguments.get(f"{m}_grid_thw") if arguments.get(f"{m}_grid_thw") is not None else self._encoded.get(m)
-            for m in ("image", "video")
-        }
-
-    def layout(self, is_image: Tensor, is_video: Tensor, image_grid: Tensor | None, video_grid: Tensor | None
-               ) -> VisualLayout:
-        """One span per image and per video frame, in prompt order (image grids in order, then every video's T
-        frames in order)."""
-        images = self._repeated(self._items(image_grid, "image"), is_image, "image")
-        videos = self._repeated(self._items(video_grid, "video", frames=True), is_video, "video")
-        frames = [(v, grid) for v, (t, grid) in enumerate(videos) for _ in range(t)]
-        image, frame, spans = 0, 0, []
-        for b in range(is_image.shape[0]):
-            runs = sorted([(s, e, "image") for s, e in token_runs(is_image[b])]
-                          + [(s, e, "video") for s, e in token_runs(is_video[b])])
-            sample = []
-            for start, end, modality in runs:
-                while start < end:
-                    if modality == "image":
-                        if image >= len(images):
-                            raise VTPruneError(
-                                f"the prompt holds more image tokens than the {len(images)} images given"
-                            )
-                        grid, span = images[image][1], {"image": image}
-                        image += 1
-                    else:
-                        if frame >= len(frames):
-                            raise VTPruneError(
-                                f"the prompt holds more video tokens than the {len(frames)} frames given"
-                            )
-                        video, grid = frames[frame]
-                        span = {"image": len(images) + frame, "kind": "frame", "video": video}
-                        frame += 1
-                    count = grid[0] * grid[1]
-                    if start + count > end:
-                        raise VTPruneError(
-                            f"a run of {end - start} {modality} tokens does not match the next {modality}'s {count} "
-                            f"tokens (grid {grid[0]}x{grid[1]} after the {self.merge}x{self.merge} merge)"
-                        )
-                    sample.append(VisualSpan(start=start, patch_index=torch.arange(count), grid=grid, **span))
-                    start += count
-            spans.append(sample)
-        return VisualLayout(spans=spans, seq_len=is_image.shape[1])
-
-    @staticmethod
-    def _repeated(items: list[tuple[int, tuple[int, int]]], mask: Tensor, what: str) -> list:
-        """The items behind the prompt's rows when generate() repeated each sample (beam search, several return
-        sequences) after encoding its media once."""
-        index = expanded_items(mask.sum(1).tolist(), [t * h * w for t, (h, w) in items], what)
-        return items if index is None else [items[i] for i in index]
-
-    def _items(self, grids: Tensor | None, what: str, frames: bool = False) -> list[tuple[int, tuple[int, int]]]:
-        """(temporal patches, (rows, cols) of merged tokens) of each image or video."""
-        rows = [] if grids is None else [tuple(int(x) for x in row) for row in grids.cpu()]
-        items = [(t, (h // self.merge, w // self.merge)) for t, h, w in rows]
-        if not frames and any(t != 1 for t, _ in items):
-            raise VTPruneError(f"an image has more than one temporal patch ({rows}); pass moving images as videos")
-        return items
-
     def take_layout(self, batch: int, length: int) -> VisualLayout:
-        masks, self._masks = self._masks, None
-        if masks is None or tuple(masks[0].shape) != (batch, length):
-            raise VTPruneError("vtprune could not match the language model input to the prompt's visual tokens")
-        is_image, is_video = masks
-        for modality, mask in (("image", is_image), ("video", is_video)):
-            if int(mask.sum()) and self._grids.get(modality) is None:
-                raise VTPruneError(
-                    f"the prompt holds {modality} tokens but vtprune saw no {modality} grid: pass the processor's "
-                    f"{modality}_grid_thw and run the vision encoder inside the `with` block"
-                )
-        layout = self.layout(is_image, is_video, self._grids.get("image"), self._grids.get("video"))
+        layout = super().take_layout(batch, length)
         stack = self.cutter.deepstack
         if stack is not None and not torch.equal(stack.mask.cpu(), layout.visual_mask()):
             raise VTPruneError("the model's DeepStack positions differ from the prompt's visual tokens")
         return layout
-
-    def vision_signals(self, layout: VisualLayout) -> dict[Any, Any]:
-        return {}
