@@ -112,8 +112,8 @@ class HiPrune(Method):
         deep_scores = global_attention(deep_attention, info.vision_has_cls)
         patches = deep_scores.shape[-1]
         if any(span.view is not None for spans in layout.spans for span in spans):
-            raise VTPruneError("hiprune runs on single-grid images (LLaVA-1.5); anyres tiles and video frames are not "
-                               "wired (the official LLaVA-NeXT split of the budget over tiles is not implemented)")
+            raise VTPruneError("hiprune runs on single-grid images (LLaVA-1.5); anyres tiles and video frames are "
+                               "refused (the official LLaVA-NeXT path uses a layout without unpadding or row ends)")
         keep, local_tokens = [], []
         for b in range(layout.batch_size):
             kept, local = [], []
