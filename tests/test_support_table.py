@@ -21,7 +21,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "methods" / "README.md"
 # the tiny models have 3-4 decoder layers and 2 vision blocks: layer options that fit them, nothing else changed
 TINY = {"fastv": {"layer": 1}, "dart": {"layer": 1}, "transprune": {"keep_ratios": (0.5,), "prune_layers": (1,)},
         "pyramiddrop": {"layer_list": (1, 2)}, "vflowopt": {"llm_layers": (1, 2)}, "spatten": {"layers": (1, 2)},
-        "scissorhands": {"recent": 2}}
+        "scissorhands": {"recent": 2}, "hiprune": {"object_layer": 0}}
 
 
 def _next():

@@ -20,7 +20,7 @@ from tests.adapters.qwen_builders import build_qwen_processor, build_tiny_qwen, 
 from tests.helpers import build_tiny_llava, padded_batch
 
 GENERATE = dict(max_new_tokens=4, pad_token_id=0)
-EXTRA = {"fastv": {"layer": 1}, "dart": {"layer": 1}}
+EXTRA = {"fastv": {"layer": 1}, "dart": {"layer": 1}, "hiprune": {"object_layer": 0}}
 # one method per way of cutting: before the LLM (plain, [CLS]-scored, merging), inside it (one cut, a pyramid),
 # the cache after prefill, the attention-site cache; every registered method runs the core modes
 REPRESENTATIVE = ("random", "vtc-cls", "visionzip", "fastv", "pyramiddrop", "gui-kv", "zipvl")

@@ -25,6 +25,7 @@ KEEP_ALL = {
     "zipvl": dict(keep=1.0),
     "scope": dict(keep=1.0),
     "holov": dict(keep=1.0),
+    "hiprune": dict(keep=1.0, object_layer=0),  # the tiny tower has 3 layers (official object layer: 8)
     "cdpruner": dict(keep=1.0),
     "pyramiddrop": dict(keep=1.0),
     "spatten": dict(keep=1.0, layers=(1, 2, 3)),

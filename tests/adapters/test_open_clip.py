@@ -41,6 +41,7 @@ NOT_ON_OPEN_CLIP = {
     "zipvl": "sparsifies a language model's attention and KV cache",
     "scope": "prunes at a language model's input (no encoder-site variant)",
     "holov": "prunes at a language model's input (no encoder-site variant)",
+    "hiprune": "prunes at a language model's input (no encoder-site variant)",
     "cdpruner": "needs the language model's input embeddings and the instruction",
     "pyramiddrop": "cuts between decoder layers; an open_clip tower has no language model",
     "spatten": "cuts between decoder layers; an open_clip tower has no language model",

@@ -37,6 +37,7 @@ NOT_ON_QWEN = {
     "holov": "its saliency is the vision tower's [CLS] attention; the Qwen tower has no [CLS] token",
     "vflowopt": "the adapter does not provide VisionAttention (spec §9: last full-attention block, 2x2 merger groups)",
     "spatten": "the adapter does not provide ReceivedAttention yet",
+    "hiprune": "the adapter does not provide VisionAttention (official Qwen2.5-VL variant: its windowed ViT)",
 }
 
 

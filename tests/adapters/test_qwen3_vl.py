@@ -46,6 +46,7 @@ REFUSED = {  # method -> (options, the reason in its error)
     "scope": ({}, r"\[CLS\] token"),
     "holov": ({}, r"\[CLS\] token"),
     "vflowopt": ({"llm_layers": (1, 2)}, "VisionAttention"),
+    "hiprune": ({"object_layer": 0}, "VisionAttention"),
 }
 STEPS = 3
 

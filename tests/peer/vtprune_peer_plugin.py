@@ -36,6 +36,7 @@ FIT_TO_TWO_LAYERS: dict[str, dict[str, Any]] = {
     "transprune": dict(keep_ratios=(0.5,), prune_layers=(1,)),
     "pyramiddrop": dict(layer_list=(1,)),
     "spatten": dict(layers=(1,)),
+    "hiprune": dict(object_layer=0),  # the test vision towers are shallower than its object layer (8)
 }
 
 
