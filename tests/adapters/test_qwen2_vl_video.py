@@ -265,9 +265,9 @@ def test_generate_under_a_cut_equals_the_hand_made_reference(case, method, optio
             handle.remove()
         kept, layout = kept_per_item(trace)
         expected, expected_logits = reference_generate(model, batch, layout, kept, cut_layer, renumber)
-    if cut_layer == 0:  # the language model's prefill holds the text (and padding) and the kept visual tokens only
+    if cut_layer == 0:  # the prefill holds the longest sample's text and kept visual tokens (spare padding dropped)
         kept_count = torch.tensor([site.kept.numel() for site in trace.forwards[0].sites])
-        assert seen[0] == int((batch["input_ids"].shape[1] - visual_counts(batch) + kept_count).max())
+        assert seen[0] == int((batch["attention_mask"].sum(1) - visual_counts(batch) + kept_count).max())
     assert sum(len(k) for k in kept.values()) < int(visual_counts(batch).sum())  # the cut dropped tokens
     assert torch.equal(sequences[:, -STEPS:], expected)
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
