@@ -25,6 +25,7 @@ from tests.adapters.qwen_builders import (
 from tests.adapters.test_qwen2_vl import KEEP_ALL, NOT_ON_QWEN
 from tests.adapters.test_qwen3_vl import (
     average_pooled,
+    decode_greedy,
     kept_per_item,
     left_pad,
     run_layers,
@@ -201,21 +202,7 @@ def reference_generate(model, batch, layout, kept, cut_layer, renumber, pooled=N
     positions = left_pad([p.T for p, _ in compact], length).permute(2, 0, 1)
     cut_mask = left_pad([torch.ones(len(k), dtype=torch.long) for _, k in compact], length)
     x = run_layers(lm, range(cut_layer, n_layers), x, cut_mask, positions, cache, 0)
-    logits = [model.lm_head(lm.norm(x[:, -1]))]
-    tokens = [logits[-1].argmax(-1)]
-    start = torch.tensor(starts)
-    for t in range(1, steps):
-        step = model.model.get_input_embeddings()(tokens[-1][:, None])
-        step_positions = (start + t - 1).view(1, batch_size, 1).expand(3, batch_size, 1)
-        one = torch.ones(batch_size, 1, dtype=torch.long)
-        if cut_layer > 0:
-            full_mask = torch.cat([full_mask, one], dim=1)
-            step = run_layers(lm, range(cut_layer), step, full_mask, step_positions, cache, full_mask.shape[1] - 1)
-        cut_mask = torch.cat([cut_mask, one], dim=1)
-        step = run_layers(lm, range(cut_layer, n_layers), step, cut_mask, step_positions, cache, cut_mask.shape[1] - 1)
-        logits.append(model.lm_head(lm.norm(step[:, -1])))
-        tokens.append(logits[-1].argmax(-1))
-    return torch.stack(tokens, dim=1), torch.stack(logits, dim=1)
+    return decode_greedy(model, x, full_mask, cut_mask, starts, cut_layer, steps, cache)
 
 
 def test_the_hand_positions_are_the_models(case):

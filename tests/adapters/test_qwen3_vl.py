@@ -262,6 +262,14 @@ def reference_generate(model, batch, layout, kept, cut_layer, renumber, steps=ST
     positions = left_pad([p.T for p, _ in compact], length).permute(2, 0, 1)
     cut_mask = left_pad([torch.ones(len(k), dtype=torch.long) for _, k in compact], length)
     x = run_layers(lm, range(cut_layer, n_layers), x, cut_mask, positions, cache, 0, levels)
+    return decode_greedy(model, x, full_mask, cut_mask, nexts, cut_layer, steps, cache)
+
+
+def decode_greedy(model, x, full_mask, cut_mask, nexts, cut_layer, steps, cache):
+    """Greedy tokens and logits [B, steps(, V)] after a hand-made prefill whose last hidden states are `x`: each
+    step runs layers < cut_layer under `full_mask` and the others under `cut_mask`, at position nexts[b] + t - 1."""
+    lm = model.model.language_model
+    n_layers, batch_size = len(lm.layers), x.shape[0]
     logits = [model.lm_head(lm.norm(x[:, -1]))]
     tokens = [logits[-1].argmax(-1)]
     nxt = torch.tensor(nexts)
