@@ -14,6 +14,7 @@ from tests.helpers_video import build_tiny_llava_next, build_tiny_next_video, bu
 BUILDERS = {"next": build_tiny_llava_next, "onevision": build_tiny_onevision, "next_video": build_tiny_next_video}
 NOT_ON_ANYRES = {  # methods these adapters refuse, and why
     "vispruner": "reads its [CLS] attention and features by image number: no tiles, no frames yet",
+    "hiprune": "the official LLaVA-NeXT path uses a layout without unpadding or row ends: no tiles, no frames",
 }
 # grids differ here: pool keeps every cell with a ratio
 KEEP_EVERY_TOKEN = {
@@ -201,8 +202,9 @@ def test_vtc_cls_is_refused_on_a_tower_without_cls(models):
 def test_methods_without_tiles_or_frames_are_refused(models, name):
     model = models["next"]
     batch = media_batch(model, [[(32, 48)], [(64, 64)]])
+    options = {"hiprune": {"object_layer": 0}}.get(name, {})  # its default layer 8 is beyond the tiny tower
     with pytest.raises(vtprune.VTPruneError, match=f"{name} runs on single-grid images"):
-        with torch.no_grad(), vtprune.make(name)(model):
+        with torch.no_grad(), vtprune.make(name, **options)(model):
             model(**batch)
 
 
