@@ -1,8 +1,6 @@
 """Long generation with the decode-time KV-cache policies and GUI-KV: cache bytes and decoding time vs dense.
 
-    python benchmarks/long_decode.py                                   # both parts, default (small) shapes
-    python benchmarks/long_decode.py --part a --llm-layers 2 --threads 1        # README's Part A table (129 s)
-    python benchmarks/long_decode.py --part b --gui-new-tokens 32 --threads 1   # README's Part B table (69 s)
+    python benchmarks/long_decode.py --threads 1                       # both parts, default shapes: README's tables
     python benchmarks/long_decode.py --part a --new-tokens 128 --repeats 1          # quicker
     python benchmarks/long_decode.py --budgets 64 256 --methods a2sf:alpha=0.5 ems  # other budgets / options
     python benchmarks/long_decode.py --llm-layers 32 --llm-hidden 4096 --vision-layers 24 --vision-hidden 1024 \
@@ -28,8 +26,8 @@ Per row, each a ratio to dense measured in the same run (repeats interleaved, th
 - final cache length per layer (entries per head after the last forward; the last token generated is never fed, so
   dense holds prompt + new tokens - 1).
 The dense row shows absolute values. On a loaded CPU prefer --threads 1: decoding runs many tiny ops, and with two
-threads on two busy cores a default-shape Part A had not finished its first repeat after 10 minutes (one thread, LM
-2x512: the whole Part A in 129 s).
+threads on two busy cores a default-shape Part A had not finished its first repeat after 10 minutes (one thread: both parts in
+208 s).
 """
 
 from __future__ import annotations
