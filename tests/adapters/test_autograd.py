@@ -199,3 +199,27 @@ def test_labels_with_keep_all_give_the_dense_loss(llava):
             torch.testing.assert_close(out.loss, dense.loss, atol=1e-6, rtol=0)
             torch.testing.assert_close(as_tuple[0], dense.loss, atol=1e-6, rtol=0)  # the loss first, as transformers
             assert list(out.keys())[0] == "loss"
+
+
+def test_shift_labels_are_honoured_and_follow_their_positions(llava):
+    """Pre-shifted targets (`shift_labels`, sequence-parallel training) give the dense loss at keep-all, and at a real
+    budget each kept position keeps its own target (gathered with the sequence, not re-shifted)."""
+    model, batch = llava
+    labels = training_labels(batch, model.config.image_token_id)
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    other = shifted.roll(1, dims=1)  # different targets: the loss must change with them
+    with torch.no_grad():
+        dense = model(**batch, labels=labels, shift_labels=shifted).loss
+        with vtprune.make("random", keep=1.0)(model):
+            kept_all = model(**batch, labels=labels, shift_labels=shifted).loss
+            assert not torch.allclose(model(**batch, labels=labels, shift_labels=other).loss, kept_all)
+        torch.testing.assert_close(kept_all, dense, atol=1e-6, rtol=0)
+        with vtprune.make("fastv", keep=4, layer=1)(model) as trace:
+            out = model(**batch, labels=labels, shift_labels=shifted)
+    samples = references(model, batch, trace, 1)
+    logits, targets = [], []
+    for b, s in enumerate(samples):
+        logits.append(run(model, s, []))
+        targets.append(shifted[b][batch["attention_mask"][b].bool()][s.rows])
+    expected = F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)

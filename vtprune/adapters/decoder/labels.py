@@ -51,21 +51,25 @@ class LabelLoss:
         if self.labels is None:
             return None
         kwargs = dict(kwargs, labels=None)
-        self.loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
+        # pre-shifted targets (`shift_labels`: the target of each position) follow their positions through the cut
+        self.loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "shift_labels") if k in kwargs}
         return args, kwargs
 
     def _loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         labels, self.labels = self.labels, None
         if labels is None:
             return None
-        prefill = self.cutter.prefill
-        source = getattr(prefill, "source", None)
+        loss_kwargs = dict(self.loss_kwargs)
+        source = getattr(self.cutter.prefill, "source", None)
         if source is not None:  # this forward's prefill was cut: gather the labels like the sequence
             source = source.to(labels.device)
             labels = labels.gather(1, source.clamp(min=0)).masked_fill(source < 0, IGNORE)
+            if loss_kwargs.get("shift_labels") is not None:
+                shifted = loss_kwargs["shift_labels"]
+                loss_kwargs["shift_labels"] = shifted.gather(1, source.clamp(min=0)).masked_fill(source < 0, IGNORE)
         logits = output["logits"] if isinstance(output, dict) else output[0]
         vocab = self.model.config.get_text_config().vocab_size
-        loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=vocab, **self.loss_kwargs)
+        loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=vocab, **loss_kwargs)
         if isinstance(output, dict):  # a ModelOutput: rebuilt so that the loss comes first, as the model puts it
             return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
         return (loss, *output)
