@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vtprune
+from tests.adapters.internvl_builders import build_internvl_processor, build_tiny_internvl, image_batch
 from tests.adapters.qwen3_builders import build_qwen3_processor, build_tiny_qwen3, video_batch
 from tests.adapters.qwen_builders import build_qwen_processor, build_tiny_qwen, two_screenshot_batch
 from tests.helpers import build_tiny_clip, build_tiny_llava, clip_images, padded_batch
@@ -52,6 +53,7 @@ FAMILIES = {  # column -> (model, inputs) builder
     "qwen2-vl": lambda: _qwen("qwen2-vl"),
     "qwen2.5-vl": lambda: _qwen("qwen2.5-vl"),
     "qwen3-vl (image + video)": lambda: (build_tiny_qwen3(), video_batch(build_qwen3_processor())),
+    "internvl (tiles)": lambda: (build_tiny_internvl(), image_batch(build_internvl_processor())),
     "open_clip": lambda: (build_tiny_clip(), {"x": clip_images()}),
 }
 
