@@ -169,6 +169,18 @@ def test_beam_rows_keep_what_their_sample_keeps(model, batch):
     assert [len(k) for k in greedy.values()] == [10, 5]
 
 
+def test_encoder_outputs_made_outside_the_session_are_refused_for_cls_methods(model, batch):
+    with torch.no_grad():
+        encoded = {"image": model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "mm_encoder_outputs": encoded}
+    with torch.no_grad(), vtprune.make("random", keep=4)(model) as trace:  # no vision signal needed: runs
+        model(**inputs)
+    assert [after for _, after in trace.visual_tokens()] == [8, 4]
+    error = pytest.raises(vtprune.VTPruneError, match="did not encode this prompt's tiles inside the session")
+    with error, torch.no_grad(), vtprune.make("vtc-cls", keep=4)(model):
+        model(**inputs)
+
+
 # ----------------------------------------------------------------------------------------------- [CLS] signal
 def eager_cls_attention(model, pixel_values):
     """[tiles, layers, heads, side²]: the tower's own eager attention probabilities of [CLS] over the patches, summed

@@ -32,6 +32,7 @@ FAMILIES = {
     "qwen2_vl": ["tests/models/qwen2_vl/test_modeling_qwen2_vl.py"],
     "qwen3_vl": ["tests/models/qwen3_vl/test_modeling_qwen3_vl.py"],
     "qwen2_5_vl": ["tests/models/qwen2_5_vl/test_modeling_qwen2_5_vl.py"],
+    "internvl": ["tests/models/internvl/test_modeling_internvl.py"],
 }
 
 # Helpers the model test files import that the sdist does not ship (it holds only tests/test_*.py).

@@ -180,6 +180,9 @@ class InternVLAdapter(Adapter):
         """The tiles' signals in the layout's `view` order; generate() encodes a batch's tiles once and repeats each
         sample for beam search or several return sequences, so the rows are repeated the same way."""
         tiles = sum(len(spans) for spans in layout.spans)
+        if any(request not in self.values for request in self.cls_requests):
+            raise VTPruneError("the vision tower did not encode this prompt's tiles inside the session (encoder "
+                               "outputs computed outside it?); run the model (or generate) inside the `with` block")
         out = {}
         for request, value in self.values.items():
             if value.shape[0] == tiles:
