@@ -181,6 +181,22 @@ def test_encoder_outputs_made_outside_the_session_are_refused_for_cls_methods(mo
         model(**inputs)
 
 
+def test_a_session_made_on_the_meta_device_runs_once_the_model_is_materialised(batch):
+    """transformers' own tests build models under `torch.device("meta")`; a session attached then must hold no meta
+    tensor of its own."""
+    from transformers import InternVLForConditionalGeneration
+
+    config = build_tiny_internvl().config
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(copy.deepcopy(config)).eval()
+        session = vtprune.make("vtc-cls", keep=4, start_layer=0)(model)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with torch.no_grad(), session as trace:
+        model(**batch)
+    assert [after for _, after in trace.visual_tokens()] == [8, 4]
+
+
 # ----------------------------------------------------------------------------------------------- [CLS] signal
 def eager_cls_attention(model, pixel_values):
     """[tiles, layers, heads, side²]: the tower's own eager attention probabilities of [CLS] over the patches, summed

@@ -127,7 +127,8 @@ class InternVLAdapter(Adapter):
         rows, cols = vision.image_size[0] // vision.patch_size[0], vision.image_size[1] // vision.patch_size[1]
         if rows != cols:
             raise VTPruneError(f"InternVL tiles must be square patch grids; this tower has {rows}x{cols}")
-        numbers = torch.arange(rows * cols, dtype=torch.float64).view(1, rows, cols, 1)
+        # on the CPU even when the model is built under `torch.device("meta")` (a session attached at construction)
+        numbers = torch.arange(rows * cols, dtype=torch.float64, device="cpu").view(1, rows, cols, 1)
         shuffled = self.inner.pixel_shuffle(numbers, scale_factor=config.downsample_ratio)  # [1, s, s, k]
         return shuffled.reshape(-1, shuffled.shape[-1]).round().long()
 
