@@ -158,6 +158,8 @@ def add_bench(subparsers: Any) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="the model's dtype")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"],
                    help="the model's attention implementation (flash_attention_2 needs the flash-attn package)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one prefill per row: time in vtprune's stages and host syncs (profile.md)")
     p.add_argument("--out", help="folder for bench.md / .csv / .json / .png")
     p.set_defaults(func=command("vtprune.eval.bench:run_bench"))
 

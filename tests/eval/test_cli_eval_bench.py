@@ -64,10 +64,12 @@ def test_bench_batch_is_ragged_and_a_cut_shrinks_it_to_its_longest_sample(tmp_pa
     code = main([
         "bench", "--model", "llava-1.5-7b", "--llm-layers", "2", "--llm-hidden", "128", "--vision-layers", "1",
         "--vision-hidden", "64", "--methods", "random", "--budgets", "64", "--repeats", "1", "--new-tokens", "1",
-        "--batch", "2", "--out", str(tmp_path), "--device", "cpu",
+        "--batch", "2", "--out", str(tmp_path), "--device", "cpu", "--profile",
     ])
     assert code == 0
     dense, pruned = json.loads((tmp_path / "bench.json").read_text())
+    assert dense["syncs"]["vtprune"] == 0 < pruned["syncs"]["vtprune"] and pruned["stages"]["compact"] > 0
+    assert (tmp_path / "profile.md").read_text().count("| llava-1.5-7b |") == 2
     assert (pruned["visual_before"], pruned["visual_after"]) == (3 * 576, 3 * 64)  # batch totals
     prompts, kept = (60 + 576, 60 + 2 * 576), (60 + 64, 60 + 128)
     assert pruned["kv_cache"] == pytest.approx(max(kept) / max(prompts))  # padded lengths, same layers and widths

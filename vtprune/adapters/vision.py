@@ -12,6 +12,7 @@ from ..core.adapter import Adapter
 from ..core.attention import attention_rows
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout
+from ..core.profile import stage
 from ..core.signals import ClsAttention, ModelInfo, PixelValues, ProjectorInput, VisionAttention, VisionKeys
 from .common import expanded_items, kwarg
 
@@ -117,7 +118,7 @@ class VisionSignals:
     def _capture(self, index: int, requests: list[Any]):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = kwarg(args, kwargs, "hidden_states", 0)
-            with torch.no_grad():
+            with torch.no_grad(), stage("signals"):
                 if any(isinstance(r, ClsAttention) for r in requests):
                     self._rows[index] = cls_rows(module, hidden)
                 for request in requests:

@@ -15,6 +15,10 @@ For every model shape, method and budget (rows), each a ratio to the dense model
   CPU: peak resident set size, see `vtprune.eval.memory`; measured after all timings, one run each);
 - KV cache bytes after the prefill (layers cut at different depths hold different lengths);
 - analytic LLM prefill FLOPs (`vtprune.eval.flops`: 4·n·d² + 2·n²·d + 3·n·d·m per decoder layer, each layer's n).
+`--profile` adds a second table (profile.md): one prefill per row under the torch profiler, the share of its time in
+vtprune's stages (signals, score, compact, cache; `vtprune.core.profile`), and the calls that would wait on the host on
+CUDA (`vtprune.eval.profile.host_syncs`: vtprune's own, and transformers' as in the dense row), with vtprune's call
+sites in bench.json.
 `--batch N` runs N prompts per call: on `llava-1.5-7b` sample b holds 1 + b % 2 images, so the batch is ragged
 (left padding, different kept counts per sample; the bound and the schedule run at the longest sample's lengths, as a
 padded batch does); a loaded model repeats its prompt. Visual tokens and FLOPs are then batch totals.
@@ -44,6 +48,7 @@ from vtprune.core import VISUAL_TOKENS, make_at, method_class, parse_method_spec
 from .flops import llm_flops, visual_tokens_per_layer
 from .measure import cache_bytes
 from .memory import peak_memory_bytes
+from .profile import host_syncs, stage_times
 from .schedule import layer_lengths, schedule_forward
 from .speed import median_seconds
 
@@ -150,6 +155,8 @@ class Row:
     peak_memory: float | None
     kv_cache: float
     flops: float
+    stages: dict | None = None  # --profile: seconds per vtprune stage in one prefill, and its total
+    syncs: dict | None = None  # --profile: host syncs in one prefill (vtprune's, other, vtprune's sites)
 
 
 class Config:
@@ -247,6 +254,9 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
     for config in configs:  # after all timings: a peak-memory run each
         config.memory = peak_memory_bytes(lambda: config.generate(args.new_tokens), model.device)
         bar.update(1)
+    if args.profile:
+        for row, config in zip(rows, configs):
+            row.stages, row.syncs = stage_times(config.prefill), host_syncs(config.prefill)
 
     dense_row = rows[0]
     dense_row.prefill, dense_row.ttft = dense.best("prefill"), dense.best("ttft")
@@ -284,6 +294,17 @@ def markdown(rows: list[Row], new_tokens: int) -> str:
                      num(r.end_to_end), num(r.peak_memory),
                      num(r.kv_cache), num(r.flops)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def profile_markdown(rows: list[Row]) -> str:
+    lines = ["| model | method | keep | prefill (profiled) | signals | score | compact | cache | host syncs: vtprune "
+             "| host syncs: other |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        total = r.stages["total"]
+        shares = [f"{r.stages[s] / total:.1%}" for s in ("signals", "score", "compact", "cache")]
+        lines.append(f"| {r.model} | {r.method} | {'—' if r.keep is None else r.keep} | {total * 1e3:.1f} ms | "
+                     + " | ".join(shares) + f" | {r.syncs['vtprune']} | {r.syncs['other']} |")
     return "\n".join(lines)
 
 
@@ -331,6 +352,9 @@ def run_bench(args: argparse.Namespace) -> int:
           f"batch {args.batch} (visual tokens: batch totals), fastest of {args.repeats}; "
           "dense row: absolute values, other rows: ratios to dense\n")
     print(table)
+    if args.profile:
+        print("\nShare of one profiled prefill in vtprune's stages, and calls that wait on the host on CUDA:\n")
+        print(profile_markdown(rows))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -341,7 +365,9 @@ def run_bench(args: argparse.Namespace) -> int:
             writer.writeheader()
             writer.writerows(asdict(r) for r in rows)
         plot(rows, out / "bench.png")
-        print(f"\nwrote {out}/bench.md, bench.csv, bench.json, bench.png")
+        if args.profile:
+            (out / "profile.md").write_text(profile_markdown(rows) + "\n")
+        print(f"\nwrote {out}/bench.md, bench.csv, bench.json, bench.png" + (", profile.md" if args.profile else ""))
     if args.skipped:
         print(f"\nskipped (refused by the method or model, reason above): {', '.join(args.skipped)}")
     return 0

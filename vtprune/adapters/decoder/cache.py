@@ -22,6 +22,7 @@ same offset: slot i stands for logical position `dropped + i`, and the slots not
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,24 +75,25 @@ class SegmentLayer(CacheLayerMixin):
         return self.segment.prompt_length - self.prefix
 
     @property
+    @abstractmethod
     def stored(self) -> int:
         """Physical entries held now (prompt and every token since)."""
-        raise NotImplementedError
 
     def get_seq_length(self) -> int:
         stored = self.stored
         return stored - self.prefix + self.segment.prompt_length if stored else 0
 
+    @abstractmethod
     def entries(self) -> tuple[Tensor, Tensor]:
         """The stored keys and values [B, H, stored, d]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def set_entries(self, keys: Tensor, values: Tensor) -> None:
         """Replace the stored entries (a compressed prompt) by `keys` / `values` [B, H, n, d]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _move_entries(self, op: str, arg: Any) -> None:
-        raise NotImplementedError
+        """Apply a beam reorder / batch repeat / selection (`op`, `arg`) to the stored entries."""
 
     def reset(self) -> None:
         """Empty the layer and make it the plain transformers layer again (a reused cache outside any session)."""

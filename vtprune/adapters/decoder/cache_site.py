@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ... import kernels
 from ...core.cut import left_padded_heads
 from ...core.errors import VTPruneError
+from ...core.profile import stage
 from ...core.signals import LayerKV, PrefillKV
 from ...core.trace import site_records
 from ..common import cache_argument, kwarg, swap_class
@@ -100,31 +101,34 @@ class CacheSite:
         cutter, state = self.cutter, self.cutter.prefill
         segment = state.segment_at(index)
         layer_cache = self._layer_cache(cache, attn.layer_idx, hidden.shape[1])
-        key_mask = segment.mask2d.bool()
-        count = min(self.request.queries, int(key_mask.sum(1).min()))
-        rows = torch.stack([m.nonzero()[-count:, 0] for m in key_mask])  # [B, q] each sample's last real tokens
-        queries = project(attn, attn.q_proj, gather_rows(hidden, rows), "q_norm")  # [B, H, q, d]
-        cos, sin = position_embeddings
-        if cos.dim() != 3:
-            raise VTPruneError(f"the kv_cache site expects RoPE tables [B, L, d], got {tuple(cos.shape)}")
-        queries = rotate(attn, queries, gather_rows(cos, rows), gather_rows(sin, rows))
-        keys, values = layer_cache.entries()
-        value = LayerKV(
-            keys=keys,
-            queries=queries,
-            hidden=hidden,
-            residual=state.layer_input if state.layer_input is not None else hidden,
-            key_mask=key_mask,
-            keys_pre_rope=rotate(attn, keys, cos, -sin) if self.request.pre_rope_keys else None,
-        )
+        with stage("signals"):
+            key_mask = segment.mask2d.bool()
+            count = min(self.request.queries, int(key_mask.sum(1).min()))
+            rows = torch.stack([m.nonzero()[-count:, 0] for m in key_mask])  # [B, q] each sample's last real tokens
+            queries = project(attn, attn.q_proj, gather_rows(hidden, rows), "q_norm")  # [B, H, q, d]
+            cos, sin = position_embeddings
+            if cos.dim() != 3:
+                raise VTPruneError(f"the kv_cache site expects RoPE tables [B, L, d], got {tuple(cos.shape)}")
+            queries = rotate(attn, queries, gather_rows(cos, rows), gather_rows(sin, rows))
+            keys, values = layer_cache.entries()
+            value = LayerKV(
+                keys=keys,
+                queries=queries,
+                hidden=hidden,
+                residual=state.layer_input if state.layer_input is not None else hidden,
+                key_mask=key_mask,
+                keys_pre_rope=rotate(attn, keys, cos, -sin) if self.request.pre_rope_keys else None,
+            )
         ctx = cutter.context("kv_cache", hidden, index, {self.request: value})
-        plan = cutter.method.plan(ctx)
+        with stage("score"):
+            plan = cutter.method.plan(ctx)
         plan.validate(ctx.layout)
         plan.heads = validate_heads(plan.heads, key_mask, keys.shape[1], cutter.method.name, index)
         state.record.sites.extend(site_records(ctx, plan))
-        gather, valid = left_padded_heads(plan.heads, hidden.device)
-        ((keys, values),) = kernels.compact_cache([(keys, values)], gather, valid)
-        layer_cache.set_entries(keys, values)
+        with stage("cache"):
+            gather, valid = left_padded_heads(plan.heads, hidden.device)
+            ((keys, values),) = kernels.compact_cache([(keys, values)], gather, valid)
+            layer_cache.set_entries(keys, values)
         self._give_segment(layer_cache, index, valid.to(segment.mask2d.dtype), segment, cache)
 
     @staticmethod

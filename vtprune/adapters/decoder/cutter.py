@@ -31,6 +31,7 @@ from ...core.errors import VTPruneError
 from ...core.layout import VisualLayout
 from ...core.method import SiteContext
 from ...core.plan import Merge
+from ...core.profile import stage
 from ...core.signals import PrefillKV, ProjectorInput, Transitions, TransitionStats
 from ...core.trace import ForwardRecord, site_records
 from ...kernels import apply_cut
@@ -234,7 +235,8 @@ class DecoderCutter:
 
     def _layer_signal(self, request: Any, layer: nn.Module, hidden: Tensor, kwargs: dict, segment: Segment) -> Any:
         rope = kwargs["position_embeddings"]
-        return compute_layer_signal(request, layer, self.lm, hidden, rope, segment.mask2d, self.prefill.layout)
+        with stage("signals"):
+            return compute_layer_signal(request, layer, self.lm, hidden, rope, segment.mask2d, self.prefill.layout)
 
     def _continuation_layer(self, index: int, args: tuple, kwargs: dict) -> dict:
         cache = cache_argument(kwargs)
@@ -289,10 +291,11 @@ class DecoderCutter:
             state = self.prefill
             if state is None:  # only during a prefill inside the session
                 return
-            x_in = kwarg(args, kwargs, "hidden_states", 0).detach().float()
-            x_out = (output[0] if isinstance(output, tuple) else output).detach().float()
-            ratio = x_out.norm(dim=-1) / x_in.norm(dim=-1)
-            cosine = F.cosine_similarity(x_in, x_out, dim=-1, eps=1e-8)
+            with stage("signals"):
+                x_in = kwarg(args, kwargs, "hidden_states", 0).detach().float()
+                x_out = (output[0] if isinstance(output, tuple) else output).detach().float()
+                ratio = x_out.norm(dim=-1) / x_in.norm(dim=-1)
+                cosine = F.cosine_similarity(x_in, x_out, dim=-1, eps=1e-8)
             if which == 0:
                 state.attention_transition = (ratio, cosine)
                 return
@@ -330,17 +333,19 @@ class DecoderCutter:
         """Plan with the method, then apply the plan (merges, compaction, reordering). Returns the new hidden states
         and the segment of the layers from `start` on."""
         state = self.prefill
-        with torch.no_grad():
+        with torch.no_grad(), stage("score"):
             plan = self.method.plan(ctx)
-        # text stays, and as much padding as the longest sample needs; samples are left-padded to it again
-        cut = compile_cut(plan, ctx.layout, padding=segment.mask2d == 0)
-        state.record.sites.extend(site_records(ctx, plan))
-        positions, offset = self.reposition(
-            self.method.position_mode(ctx), ctx.layout, cut.keep, segment.positions, segment.offset
-        )
-        hidden, positions, mask2d = apply_cut(
-            cut, hidden, positions, segment.mask2d, encoder_merge=lambda x, merges: self._encoder_merge(ctx, x, merges)
-        )
+        with stage("compact"):
+            # text stays, and as much padding as the longest sample needs; samples are left-padded to it again
+            cut = compile_cut(plan, ctx.layout, padding=segment.mask2d == 0)
+            state.record.sites.extend(site_records(ctx, plan))
+            positions, offset = self.reposition(
+                self.method.position_mode(ctx), ctx.layout, cut.keep, segment.positions, segment.offset
+            )
+            hidden, positions, mask2d = apply_cut(
+                cut, hidden, positions, segment.mask2d,
+                encoder_merge=lambda x, merges: self._encoder_merge(ctx, x, merges),
+            )
         state.layout = cut.layout
         state.source = follow_cut(state.source, cut, ctx.layout.seq_len)
         return hidden, Segment(start, mask2d, positions, offset, segment.prompt_length)

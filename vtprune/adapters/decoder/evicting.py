@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ...core.errors import VTPruneError
+from ...core.profile import stage
 from ..common import cache_argument
 from .cache import PrunedLayer, PrunedStaticLayer, Segment, SegmentLayer
 from .qk import project, rotate
@@ -104,7 +105,7 @@ class EvictingSite:
                 return
             hidden = args[0] if args else kwargs["hidden_states"]
             rope = kwargs["position_embeddings"]
-            with torch.no_grad():
+            with torch.no_grad(), stage("cache"):  # scoring included: eviction is the policy's whole work
                 if self.cutter.prefill is not None:
                     self._prefill(index, module, hidden, rope, cache)
                 elif self.cutter.continuation is not None and isinstance(cache.layers[index], Evicting):
