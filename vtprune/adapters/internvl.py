@@ -44,6 +44,7 @@ from ..core.adapter import Adapter, register_adapter
 from ..core.attention import attention_rows
 from ..core.errors import VTPruneError
 from ..core.layout import VisualLayout, VisualSpan
+from ..core.profile import stage
 from ..core.signals import (
     ClsAttention,
     ModelInfo,
@@ -166,16 +167,17 @@ class InternVLAdapter(Adapter):
 
     def _capture(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            with torch.no_grad():
+            with torch.no_grad(), stage("signals"):
                 self._rows[index] = cls_rows(module, kwarg(args, kwargs, "hidden_states", 0))
 
         return hook
 
     def _on_tower_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         for request in self.cls_requests:
-            rows = torch.stack([self._rows[self._resolve(layer)] for layer in request.layers], dim=1)  # [N, l, H, P]
-            patches = self.token_patches.to(rows.device)
-            self.values[request] = rows[..., patches].sum(dim=-1)  # [N, layers, heads, tokens]
+            with stage("signals"):
+                rows = torch.stack([self._rows[self._resolve(layer)] for layer in request.layers], dim=1)  # [N,l,H,P]
+                patches = self.token_patches.to(rows.device)
+                self.values[request] = rows[..., patches].sum(dim=-1)  # [N, layers, heads, tokens]
 
     def vision_signals(self, layout: VisualLayout) -> dict[Any, Any]:
         """The tiles' signals in the layout's `view` order; generate() encodes a batch's tiles once and repeats each
