@@ -25,7 +25,7 @@ from tests.adapters.internvl_builders import (
     build_tiny_internvl,
     image_batch,
 )
-from tests.helpers import hooks_of
+from tests.adapters.keep_all import assert_keep_all_matches_dense, assert_refused_untouched
 
 KEEP_ALL = [
     ("random", {"keep": 1.0}),
@@ -121,24 +121,14 @@ def test_every_method_runs_or_is_refused():
 
 @pytest.mark.parametrize("name, options", KEEP_ALL, ids=[f"{n}-{i}" for i, (n, _) in enumerate(KEEP_ALL)])
 def test_keep_all_reproduces_dense(model, batch, dense, name, options):
-    dense_logits, dense_sequences, dense_steps = dense
-    with torch.no_grad(), vtprune.make(name, **options)(model) as trace:
-        logits = model(**batch).logits
-        sequences, steps = generate(model, batch)
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(logits[real], dense_logits[real], atol=1e-5, rtol=0)
-    torch.testing.assert_close(steps, dense_steps, atol=1e-5, rtol=0)  # prefill and every decoding step
-    assert torch.equal(sequences, dense_sequences)
+    trace = assert_keep_all_matches_dense(model, batch, dense, vtprune.make(name, **options), generate)
     assert trace.visual_tokens() == [(n, n) for n in visual_counts(batch)]
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_methods_without_their_signals_are_refused(model, name):
     options, message = REFUSED[name]
-    hooks = hooks_of(model)
-    with pytest.raises(vtprune.VTPruneError, match=message):
-        vtprune.make(name, **options)(model)
-    assert hooks_of(model) == hooks
+    assert_refused_untouched(model, name, options, message)
 
 
 def test_holov_official_order_is_refused_on_a_tiled_image(model, batch):

@@ -19,7 +19,7 @@ from tests.adapters.qwen3_builders import (
     image_batch,
     video_batch,
 )
-from tests.helpers import hooks_of
+from tests.adapters.keep_all import assert_keep_all_matches_dense, assert_refused_untouched
 
 KEEP_ALL = [
     ("random", {"keep": 1.0}),
@@ -80,14 +80,8 @@ def test_every_method_runs_or_is_refused():
 
 @pytest.mark.parametrize("name, options", KEEP_ALL, ids=[f"{n}-{i}" for i, (n, _) in enumerate(KEEP_ALL)])
 def test_keep_all_reproduces_dense(model, case, name, options):
-    batch, dense_logits, dense_sequences, dense_steps = case
-    with torch.no_grad(), vtprune.make(name, **options)(model) as trace:
-        logits = model(**batch).logits
-        sequences, steps = generate(model, batch)
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(logits[real], dense_logits[real], atol=1e-5, rtol=0)
-    torch.testing.assert_close(steps, dense_steps, atol=1e-5, rtol=0)  # prefill and every decoding step
-    assert torch.equal(sequences, dense_sequences)
+    batch, *dense = case
+    trace = assert_keep_all_matches_dense(model, batch, tuple(dense), vtprune.make(name, **options), generate)
     visual = ((batch["input_ids"] == IMAGE) | (batch["input_ids"] == VIDEO)).sum(1).tolist()
     assert trace.visual_tokens() == [(n, n) for n in visual]
 
@@ -95,10 +89,7 @@ def test_keep_all_reproduces_dense(model, case, name, options):
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_methods_without_their_signals_are_refused(model, name):
     options, message = REFUSED[name]
-    hooks = hooks_of(model)
-    with pytest.raises(vtprune.VTPruneError, match=message):
-        vtprune.make(name, **options)(model)
-    assert hooks_of(model) == hooks
+    assert_refused_untouched(model, name, options, message)
 
 
 def test_keep_all_beam_search_reproduces_dense(model, case):
