@@ -21,7 +21,7 @@ from tests.adapters.qwen_builders import (
     screens,
     two_screenshot_batch,
 )
-from tests.helpers import build_tiny_llava, padded_batch
+from tests.helpers import PAD, build_tiny_llava, padded_batch
 from vtprune.core import VTPruneError
 from vtprune.methods.streamingllm import rotate_keys
 
@@ -135,17 +135,61 @@ def llava():
     return build_tiny_llava()
 
 
+def padded_everywhere(extra: int = 3) -> dict:
+    """`padded_batch` with `extra` more padding columns: no row is free of padding (as in transformers' own tests,
+    whose masks pad every row), so a cache that drops padding is shorter than dense's."""
+    batch = padded_batch()
+    batch["input_ids"] = torch.cat([torch.full((2, extra), PAD), batch["input_ids"]], dim=1)
+    batch["attention_mask"] = torch.cat([torch.zeros(2, extra, dtype=torch.long), batch["attention_mask"]], dim=1)
+    return batch
+
+
+def assert_same_cache(got, want):
+    assert got.get_seq_length() == want.get_seq_length()
+    for a, b in zip(got.layers, want.layers, strict=True):
+        assert a.keys.shape == b.keys.shape and a.values.shape == b.values.shape
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-6, rtol=0)
+        torch.testing.assert_close(a.values, b.values, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["streamingllm", "scissorhands", "a2sf", "ems"])
 def test_keep_all_and_a_budget_over_the_sequence_are_the_dense_model(llava, name):
-    batch = padded_batch()
+    """Outputs and the returned cache (shapes and padding included) equal dense's, after a forward and a generate."""
+    batch = padded_everywhere()
     with torch.no_grad():
         dense = llava.generate(**batch, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        dense_forward = llava(**batch).past_key_values
     for keep in (1.0, 64):  # 64 entries hold the 37-token prompt and the 6 new tokens
-        options = {"recent": 2} if name != "streamingllm" else {}
-        out = generate(llava, batch, vtprune.make(name, keep=keep, **options), 6)
+        method = vtprune.make(name, keep=keep, **({"recent": 2} if name != "streamingllm" else {}))
+        out = generate(llava, batch, method, 6)
         assert torch.equal(out.sequences, dense.sequences)
         for got, want in zip(out.logits, dense.logits):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        assert_same_cache(out.past_key_values, dense.past_key_values)
+        with torch.no_grad(), method(llava):
+            assert_same_cache(llava(**batch).past_key_values, dense_forward)
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("streamingllm", {"keep": 39, "sinks": 2}),
+    ("scissorhands", {"keep": 39, "recent": 2, "window": 6}),
+    ("ems", {"keep": 39, "recent": 2, "window": 3, "tau": 0.0}),
+], ids=["streamingllm", "scissorhands", "ems"])
+def test_a_budget_first_reached_while_decoding_equals_each_sample_alone(llava, name, options):
+    """Both prompts fit the budget (22 and 37 tokens of 39): the cache keeps dense's padded layout after the prefill,
+    then sample 1 starts evicting at its third new token; each row still equals its sample decoded alone."""
+    batch = padded_everywhere()
+    steps = 6
+    out = generate(llava, batch, vtprune.make(name, **options), steps)
+    assert max(int(layer.segment.mask2d.sum(1).max()) for layer in out.past_key_values.layers) <= options["keep"]
+    for b in range(2):
+        inputs = sample(batch, b)
+        want, lengths = reference(llava, inputs, vtprune.make(name, **options), steps)
+        n = inputs["input_ids"].shape[1]
+        evicted = any(length < n + step for step, length in enumerate(lengths))
+        assert lengths[0] == n and evicted == (b == 1)  # the prefill kept all; only the longer sample evicts later
+        for got, expected in zip(out.logits, want):
+            torch.testing.assert_close(got[b : b + 1], expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(("name", "options"), CASES, ids=lambda c: c if isinstance(c, str) else "-".join(map(str, c.values())))

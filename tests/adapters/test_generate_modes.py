@@ -229,3 +229,25 @@ def test_a_compiled_language_model_with_a_static_cache_equals_the_uncompiled_one
     finally:
         torch._dynamo.reset()
     assert_same(after, before, "fastv compiled")
+
+
+def test_fullgraph_compile_of_a_model_in_a_session_stops_with_the_reason_and_plain_compile_runs():
+    """torch.compile(fullgraph=True) cannot hold a session's hooks (data-dependent cuts): it stops at the first hook
+    with vtprune's reason. Without fullgraph the hooks run eagerly between compiled graphs and the forward equals the
+    uncompiled pruned one."""
+    model, batch = build_tiny_llava().eval(), padded_batch()
+    method = vtprune.make("fastv", keep=3, layer=1)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), method(model):
+            eager = model(**batch).logits
+            reason = r"vtprune: a session's hooks .* torch\.compile\(fullgraph=True\) of a model inside a session is refused"
+            with pytest.raises(Exception, match=reason):  # torch's own Unsupported error, carrying vtprune's reason
+                torch.compile(model.forward, fullgraph=True, backend="eager")(**batch)
+            torch._dynamo.reset()
+            compiled = torch.compile(model.forward, backend="eager")(**batch).logits
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits[:, -1], eager[:, -1], atol=1e-3)  # the session did cut

@@ -133,6 +133,48 @@ def test_placeholder_ids_without_media_are_text_and_embeddings_find_the_images(q
     assert hooks_of(model) == hooks
 
 
+
+def packed_inputs(model, batch):
+    """The padded batch's samples packed into one row, padding-free, as transformers' padding-free tests and packed
+    training build it: the real tokens one after the other, and [4, 1, n] positions whose first row (the sequence
+    index) restarts at 0 for every sample, followed by each token's M-RoPE (t, h, w) ids of the padded batch."""
+    real = batch["attention_mask"].bool()
+    rope, _ = model.model.get_rope_index(
+        input_ids=batch["input_ids"], image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+    )
+    index = torch.cat([torch.arange(int(n)) for n in real.sum(1)])
+    positions = torch.cat([index[None], rope[:, real].view(3, -1)])[:, None, :]
+    return dict(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                input_ids=batch["input_ids"][real][None], position_ids=positions)
+
+
+@pytest.mark.parametrize("name, options", [("pool", dict(keep=1.0)), ("fastv", dict(keep=1.0, layer=1))])
+def test_packed_sequences_are_refused_and_leave_the_model_usable(qwen, name, options):
+    """Several prompts packed into one row with restarting position ids and no mask: transformers keeps the prompts
+    apart by masking (dense equals the padded batch), vtprune would mix them, so it refuses, even at keep-all."""
+    model, batch, dense_logits = qwen[:3]
+    hooks = hooks_of(model)
+    packed = packed_inputs(model, batch)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        dense_packed = model(**packed, use_cache=False).logits[0]
+        torch.testing.assert_close(dense_packed, dense_logits[real], atol=1e-5, rtol=0)  # what the input means
+        with vtprune.make(name, **options)(model) as trace:
+            for use_cache in (False, True):
+                with pytest.raises(vtprune.VTPruneError, match=r"^position_ids restart within a row .* attention_mask$"):
+                    model(**packed, use_cache=use_cache)
+            assert trace.forwards == []  # nothing was pruned or recorded
+            # the session goes on: the same prompts padded, and packed positions under an explicit mask (no packing
+            # then, for transformers either), equal dense
+            torch.testing.assert_close(model(**batch).logits[real], dense_logits[real], atol=1e-5, rtol=0)
+            ones = torch.ones_like(packed["input_ids"])
+            unpacked = model(**packed, attention_mask=ones).logits
+        torch.testing.assert_close(unpacked, model(**packed, attention_mask=ones).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(**packed, use_cache=False).logits[0], dense_packed, atol=0, rtol=0)
+    assert hooks_of(model) == hooks
+
+
 # ------------------------------------------------------------------------------- M-RoPE positions by hand
 def hand_positions(batch, kept_patches, grids):
     """The documented "renumber" rule, built token by token: text gets (c, c, c); a kept image token with patch p on a

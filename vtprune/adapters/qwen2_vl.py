@@ -29,7 +29,8 @@ first row carries the plain sequence index (transformers uses it for masks and p
 Sites: `pre_llm`, `llm_layer`, `kv_cache`, `llm_attention`. Signals: the language model's (`QueryAttention`,
 `PrefillKV`, `Transitions`, ...). The vision tower has no [CLS] token, so methods that need `ClsAttention` (vtc-cls)
 are refused. Also refused: images with more than one temporal patch (pass them as videos), media in a call that
-continues a cache.
+continues a cache, padding-free packed sequences (position ids whose first, sequence-index row restarts within a row,
+with no attention mask: `cutter.refuse_packed`).
 """
 
 from __future__ import annotations

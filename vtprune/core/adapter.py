@@ -11,6 +11,7 @@ import sys
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import torch
 from torch import nn
 
 from .errors import UnsupportedModelError, UnsupportedSignalError
@@ -32,7 +33,7 @@ class SessionHook:
         self.fn, self.active = fn, active
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs) if self.active() else None
+        return _run_hook(self, args, kwargs)
 
     def __deepcopy__(self, memo: dict) -> Callable:
         return _inert
@@ -43,6 +44,16 @@ class SessionHook:
 
 def _inert_hook() -> Callable:
     return _inert
+
+
+@torch.compiler.disable(reason=(
+    "vtprune: a session's hooks (data-dependent cuts) cannot be traced into one graph, so torch.compile(fullgraph=True)"
+    " of a model inside a session is refused; compile without fullgraph, or compile the language model alone"
+))
+def _run_hook(hook: SessionHook, args: tuple, kwargs: dict) -> Any:
+    """A session hook's body, never traced by torch.compile: a compiled model runs it eagerly (a graph break), and
+    fullgraph=True stops at it with the reason above."""
+    return hook.fn(*args, **kwargs) if hook.active() else None
 
 
 class Adapter(ABC):

@@ -14,6 +14,10 @@ Positions: "renumber" gives kept tokens contiguous positions (a token moves back
 before it); "original" keeps every token's position, leaving gaps. Decoding continues, per segment, at the incoming
 position minus the segment's offset. Subclasses with other position schemes (M-RoPE) override `reposition`, `rotary`
 and `expand_positions`. The kv_cache and llm_attention sites live in `cache_site.py` and `sparse_site.py`.
+
+Assisted decoding verifies its first candidates in the prefill call (prompt + candidates): the prefill's signals and
+method contexts then see the prompt alone (`Prefill.prompt_mask`), so cuts choose what a greedy prefill would. Refused:
+a prefill with no attention mask whose position ids restart within a row (padding-free packed sequences).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from ...core.profile import stage
 from ...core.signals import PrefillKV, ProjectorInput, Transitions, TransitionStats
 from ...core.trace import ForwardRecord, site_records
 from ...kernels import apply_cut
-from ..common import cache_argument, kwarg
+from ..common import cache_argument, kwarg, swap_class
 from .cache import PrunedStaticLayer, Segment, SegmentLayer, pruned_layer
 from .cache_site import CacheSite
 from .labels import LabelLoss, follow_cut
@@ -91,6 +95,7 @@ class DecoderCutter:
                 raise VTPruneError(f"method {method.name!r} cuts at the kv_cache site and must request one PrefillKV")
             self.cache_site = CacheSite(self, kv_requests[0])
         self.adapter.hook(self.lm, self._on_language_model)
+        self._follow_assisted_decoding()
         LabelLoss(self).attach()  # labels= in a forward: the loss over the kept sequence
         if "llm_attention" in self.sites:  # per-layer attention among the tokens the method marks important
             SparseAttention(self).attach()
@@ -112,6 +117,31 @@ class DecoderCutter:
 
     def _reset(self) -> None:
         self.prefill = self.continuation = None
+
+    def _follow_assisted_decoding(self) -> None:
+        """Assisted decoding verifies its first candidates in the prefill call: the prompt and then `logits_to_keep - 1`
+        candidate tokens. The prefill's signals and contexts see the prompt only (`Prefill.candidates`), so a cut
+        chooses what greedy decoding's prompt-only prefill chooses; the candidates are text and pass every cut."""
+        self.assisting, self.candidates = False, 0
+        model = self.adapter.model
+        original = getattr(type(model), "_assisted_decoding", None)
+        if original is None:
+            return
+
+        def _assisted_decoding(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            outer, self.assisting = self.assisting, self.adapter.active() or self.assisting
+            try:
+                return original(module, *args, **kwargs)
+            finally:
+                self.assisting = outer
+
+        def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            keep, cache = kwargs.get("logits_to_keep"), cache_argument(kwargs)
+            prefill = cache is None or cache.get_seq_length() == 0
+            self.candidates = keep - 1 if self.assisting and prefill and isinstance(keep, int) and keep > 1 else 0
+
+        swap_class(model, {"_assisted_decoding": _assisted_decoding}, self.adapter)
+        self.adapter.hook(model, on_call)
 
     # ------------------------------------------------------------------------------------- language model input
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -149,15 +179,17 @@ class DecoderCutter:
     def _start_prefill(self, embeds: Tensor, mask: Tensor | None, positions: Tensor | None, cache: Any,
                        kwargs: dict) -> dict:
         batch, length = embeds.shape[:2]
+        candidates, self.candidates = self.candidates, 0
         layout = self.adapter.take_layout(batch, length)
         if mask is None:
+            refuse_packed(positions)
             mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
         if positions is None:
             positions = torch.arange(length, device=embeds.device)
         positions = self.expand_positions(positions, batch)
         offset = torch.zeros(batch, dtype=torch.long, device=embeds.device)
         segment = Segment(0, mask, positions, offset, length)
-        state = Prefill(length, layout, ForwardRecord(layout=layout), [segment])
+        state = Prefill(length, layout, ForwardRecord(layout=layout), [segment], candidates=candidates)
         self.prefill = state
         self.trace.forwards.append(state.record)
         if "pre_llm" in self.sites and layout.num_images:
@@ -235,8 +267,9 @@ class DecoderCutter:
 
     def _layer_signal(self, request: Any, layer: nn.Module, hidden: Tensor, kwargs: dict, segment: Segment) -> Any:
         rope = kwargs["position_embeddings"]
+        mask = self.prefill.prompt_mask(segment.mask2d)
         with stage("signals"):
-            return compute_layer_signal(request, layer, self.lm, hidden, rope, segment.mask2d, self.prefill.layout)
+            return compute_layer_signal(request, layer, self.lm, hidden, rope, mask, self.prefill.layout)
 
     def _continuation_layer(self, index: int, args: tuple, kwargs: dict) -> dict:
         cache = cache_argument(kwargs)
@@ -303,7 +336,7 @@ class DecoderCutter:
             stats = TransitionStats(
                 ratio=torch.stack([attn_ratio, ratio], dim=1),
                 cosine=torch.stack([attn_cosine, cosine], dim=1),
-                mask=state.segment_at(index).mask2d,
+                mask=state.prompt_mask(state.segment_at(index).mask2d),
                 layout=state.layout,
             )
             for request in self.transitions[index]:
@@ -321,7 +354,7 @@ class DecoderCutter:
             signals={k: dict(v) if isinstance(v, dict) else v for k, v in signals.items()},
             info=self.adapter.info,
             hidden_states=hidden,
-            attention_mask=state.segment_at(layer or 0).mask2d,
+            attention_mask=state.prompt_mask(state.segment_at(layer or 0).mask2d),
             layer=layer,
             stage=state.stage,
             state=state.method_state,
@@ -428,6 +461,22 @@ class DecoderCutter:
         if offset.dim() == 2:
             offset = offset[-positions.shape[0] :]
         return positions - offset[..., None]
+
+
+def refuse_packed(positions: Tensor | None) -> None:
+    """Refuse a prefill without attention mask whose sequence index restarts within a row: several sequences packed
+    into one row (padding-free), which transformers then keeps apart by masking. vtprune cuts, scores and renumbers
+    one sequence per row, so it would silently mix them. The sequence index is the 2-D `position_ids` or, for M-RoPE,
+    the first of 4 rows (a 3-row M-RoPE tensor carries none; transformers packs nothing then)."""
+    if positions is None or positions.dim() > 3 or (positions.dim() == 3 and positions.shape[0] != 4):
+        return
+    index = positions[0] if positions.dim() == 3 else positions.reshape(-1, positions.shape[-1])
+    if index.shape[-1] > 1 and bool((index.diff(dim=-1) != 1).any()):
+        raise VTPruneError(
+            "position_ids restart within a row and no attention_mask was given (several sequences packed into one "
+            "row, padding-free); vtprune prunes one sequence per row: pass each sequence as its own row, padded, "
+            "with an attention_mask"
+        )
 
 
 def is_static(cache: Any) -> bool:

@@ -10,6 +10,9 @@ then an `EvictingLayer` (under a StaticCache an `EvictingStaticLayer`, the entri
 entries right-aligned, left-padded to the longest sample; its own `Segment`
 carries that padding mask (`mask2d`) and the tokens seen (`prompt_length`), so the cutter gives the next call a mask as
 long as the layer's physical cache, and `get_seq_length()` stays the logical length generate() slices inputs by.
+Until a layer first evicts or merges, it keeps the dense layout (padding included, the same tensor shapes as dense);
+at keep=1.0 (no budget) the layers are left as the cutter made them: exactly dense's cache, crop and multi-token
+calls included.
 
 Positions: keys keep the positions they were written at and decoding continues at the caller's positions, except
 StreamingLLM with key_positions="cache" (the paper's pos-shift): after each eviction every survivor's key is re-rotated (`method.shift_keys`)
@@ -133,7 +136,7 @@ class EvictingSite:
         mask = segment.mask2d.bool()
         layout = state.layout
         cos, sin = rope
-        states, kept_keys, kept_values, evicted = [], [], [], []
+        states, kept_keys, kept_values, evicted, merged = [], [], [], [], False
         for b in range(mask.shape[0]):
             real = mask[b].nonzero().squeeze(1)
             n = real.numel()
@@ -152,9 +155,12 @@ class EvictingSite:
             )[0]  # [H, Q, d]
             eligible = visual[real] if self.method.evict == "visual" else torch.ones(n, dtype=torch.bool)
             update = self.method.prefill_update(policy, queries, keys, attn.scaling, eligible.to(keys.device))
+            merged = merged or bool(update.merges)
             keys, values = self._apply(update, keys, values)
             states.append(policy)
             kept_keys.append(keys), kept_values.append(values), evicted.append(n - keys.shape[1])
+        if all(policy is None for policy in states):
+            return  # keep-all: the layer stays the dense model's (shapes, padding, crop and multi-token calls)
         offset = segment.offset.clone()
         if self.cache_positions:  # the next token's position: its cache length (caller position - offset)
             offset = offset + torch.tensor(evicted, device=offset.device)
@@ -165,7 +171,13 @@ class EvictingSite:
             new = layer_cache
         else:
             new = EvictingLayer(own, states, hidden.shape[1])
-        self._store(new, kept_keys, kept_values, segment.mask2d.dtype, layer_cache)
+        if merged or any(evicted):
+            self._store(new, kept_keys, kept_values, segment.mask2d.dtype, layer_cache)
+        else:  # within budget: the dense layout (padding included) stays until the first eviction
+            if new is not layer_cache:  # a static layer keeps its own buffers
+                new.set_entries(*layer_cache.entries())
+            new.segment.mask2d = segment.mask2d
+            new.segment.prompt_length = new.seen
         cache.layers[attn.layer_idx] = new
 
     # ------------------------------------------------------------------------------------------------ decoding
@@ -175,20 +187,26 @@ class EvictingSite:
         valid = torch.cat([segment.mask2d.bool(), torch.ones_like(segment.mask2d[:, :1], dtype=torch.bool)], dim=1)
         cos, sin = rope
         query = rotate(attn, project(attn, attn.q_proj, hidden, "q_norm"), cos, sin)[:, :, -1]  # [B, H, d]
-        kept_keys, kept_values, evicted = [], [], []
+        kept_keys, kept_values, evicted, merged = [], [], [], False
         for b, policy in enumerate(layer_cache.states):
             real = valid[b].nonzero().squeeze(1)
             keys, values = layer_cache.keys[b][:, real], layer_cache.values[b][:, real]
             if policy is not None:
                 length = keys.shape[1]
-                keys, values = self._apply(self.method.step_update(policy, query[b], keys, attn.scaling), keys, values)
+                update = self.method.step_update(policy, query[b], keys, attn.scaling)
+                merged = merged or bool(update.merges)
+                keys, values = self._apply(update, keys, values)
                 evicted.append(length - keys.shape[1])
             else:
                 evicted.append(0)
             kept_keys.append(keys), kept_values.append(values)
         if self.cache_positions:
             segment.offset = segment.offset + torch.tensor(evicted, device=segment.offset.device)
-        self._store(layer_cache, kept_keys, kept_values, segment.mask2d.dtype, layer_cache)
+        if merged or any(evicted):
+            self._store(layer_cache, kept_keys, kept_values, segment.mask2d.dtype, layer_cache)
+        else:  # nothing left the cache: the new token stays appended where the layer put it
+            segment.mask2d = valid.to(segment.mask2d.dtype)
+            segment.prompt_length = layer_cache.seen
 
     # ------------------------------------------------------------------------------------------------ shared
     def _apply(self, update: Any, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:

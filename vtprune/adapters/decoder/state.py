@@ -27,6 +27,16 @@ class Prefill:
     attention_transition: tuple[Tensor, Tensor] | None = None  # (ratio, cosine) of the attention module just run
     prepared: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # segment start -> (layer mask, RoPE)
     source: Tensor | None = None  # [B, L'] caller's position behind every slot after the cuts (labels.follow_cut)
+    candidates: int = 0  # tokens after the prompt in this call (assisted decoding's candidates), last in every row
+
+    def prompt_mask(self, mask2d: Tensor) -> Tensor:
+        """mask2d [B, L_s] with the candidates (its last `candidates` columns: cuts keep text in order) masked out:
+        what signals and methods see, so that they read the prompt alone."""
+        if not self.candidates:
+            return mask2d
+        mask2d = mask2d.clone()
+        mask2d[:, -self.candidates :] = 0
+        return mask2d
 
     def segment_at(self, layer: int) -> Segment:
         """The segment decoder layer `layer` belongs to."""
