@@ -2,9 +2,11 @@
 a cut before the LLM (random keep=3, renumbered positions) and one inside it (FastV keep=3 before layer 1, original
 positions). The reference is the language model run by hand on the hand-compacted sequence of each sample
 (`hand_reference.py`, no cache, every step re-run). EOS is suppressed on both sides so that no beam ends early.
-Assisted decoding (a dense copy of the model as assistant, batch 1) at a real budget equals greedy at that budget, for
-a cut whose choice does not depend on the query (random) and for FastV, whose query is the prompt's last token: the
-assisted prefill also holds the assistant's first candidates, which the cut's signals must not see."""
+Assisted decoding (batch 1) at a real budget equals greedy at that budget, for a cut whose choice does not depend on
+the query (random), for FastV, whose query is the prompt's last token, and for gui-kv (kv_cache site: its window of
+last prompt tokens): the assisted prefill also holds the assistant's first candidates, which the signals must not see,
+and which must attend the compressed cache as greedy's decode steps do. The assistant is a copy of the model (most
+candidates accepted) or another model (most rejected, so generate() crops the cache into the prefill's candidates)."""
 
 from __future__ import annotations
 
@@ -74,10 +76,22 @@ def test_generate_at_a_real_budget_equals_the_hand_made_reference(family, name, 
     assert pruned.tolist() != dense.tolist() or name == "fastv"  # the budget matters (FastV may agree with dense)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_assisted_decoding_at_a_real_budget_equals_greedy(family, name):
+ASSISTED = METHODS | {"gui-kv": (dict(keep=0.5, window=2), None)}  # gui-kv: the kv_cache site
+
+
+def assistant_for(model, kind):
+    """A copy of the pruned model (its candidates mostly accepted), or a differently seeded dense model of the same
+    family (most candidates rejected: generate() crops them, also those the prefill call verified)."""
+    if kind == "copy":
+        return copy.deepcopy(model)
+    return build_tiny_qwen("qwen2-vl", seed=7) if is_qwen(model) else build_tiny_llava(seed=7)
+
+
+@pytest.mark.parametrize("assistant", ["copy", "other"])
+@pytest.mark.parametrize("name", sorted(ASSISTED))
+def test_assisted_decoding_at_a_real_budget_equals_greedy(family, name, assistant):
     model, batch = family
-    options, _ = METHODS[name]
+    options, _ = ASSISTED[name]
     single = {"input_ids": batch["input_ids"][1:], "attention_mask": batch["attention_mask"][1:]}
     if is_qwen(model):
         grids = batch["image_grid_thw"]
@@ -88,8 +102,13 @@ def test_assisted_decoding_at_a_real_budget_equals_greedy(family, name):
     options_generate = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad(), vtprune.make(name, **options)(model) as trace:
         greedy = model.generate(**single, **options_generate)
-        assisted = model.generate(**single, **options_generate, assistant_model=copy.deepcopy(model))
+        helper = assistant_for(model, assistant)
+        assisted = model.generate(**single, **options_generate, assistant_model=helper)
     assert torch.equal(assisted, greedy)
-    kept = [site.kept.tolist() for forward in trace.forwards for site in forward.sites]
-    assert len(kept) >= 2 and all(k == kept[0] for k in kept)  # the assisted prefill cut the same tokens
+    if name == "gui-kv":  # every layer's cache of the greedy and the assisted prefill kept the same entries
+        layers = [[site.kept.tolist() for site in forward.sites] for forward in trace.forwards]
+        assert len(layers) >= 2 and layers[1] == layers[0] and len(layers[0]) == model.config.get_text_config().num_hidden_layers
+    else:
+        kept = [site.kept.tolist() for forward in trace.forwards for site in forward.sites]
+        assert len(kept) >= 2 and all(k == kept[0] for k in kept)  # the assisted prefill cut the same tokens
     assert all(after < before for before, after in trace.visual_tokens(0))

@@ -54,6 +54,14 @@ class Segment:
                 value = value.index_select(dim, torch.as_tensor(arg, device=value.device).reshape(-1))
             setattr(self, name, value)
 
+    def drop_tail(self, count: int) -> None:
+        """Forget the prompt's last `count` entries (assisted decoding rejected candidates verified in the prefill
+        call: text after every visual token, which every cut kept)."""
+        self.mask2d = self.mask2d[:, :-count]
+        if self.positions is not None:
+            self.positions = self.positions[..., :-count]
+        self.prompt_length -= count
+
 
 class SegmentLayer(CacheLayerMixin):
     """What a cache layer of a segment adds to a transformers layer: the segment, the logical length it stands for,
@@ -105,6 +113,14 @@ class SegmentLayer(CacheLayerMixin):
         self._move_entries(op, arg)
         if self.first:
             self.segment.batch_op(op, arg)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Assisted decoding's crop (a negative count): the entries go from the end; a crop that reaches into the
+        prompt (candidates of the prefill call) shortens the segment too."""
+        super().crop(tokens_to_remove)
+        into_prompt = self.prefix - self.stored
+        if self.first and into_prompt > 0:
+            self.segment.drop_tail(into_prompt)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._batch("reorder", beam_idx)

@@ -8,6 +8,10 @@ sample and per cache head the sequence positions to keep. The layer's cache keep
 slots, as a `PrunedLayer` whose segment carries that padding mask, so decoding gives the layer a mask as long as its
 own cache (under a StaticCache: a `PrunedStaticLayer` holding them at slots 0..). Keys carry the RoPE of their original
 positions: decoding continues at the unpruned positions.
+
+Assisted decoding's prefill call also holds the assistant's first candidates (last in every row): the method plans
+over the prompt alone, every head keeps the candidates, and their attention rows are recomputed over the compressed
+cache (`candidates_attend_compressed`), as greedy decoding's steps would see it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ... import kernels
@@ -77,8 +82,7 @@ class CacheSite:
                 return None  # only the prefill of a cached forward is compressed
             hidden = kwarg(args, kwargs, "hidden_states", 0)
             with torch.no_grad():
-                self._compress(index, module, hidden, kwargs["position_embeddings"], cache)
-            return None
+                return self._compress(index, module, hidden, kwargs["position_embeddings"], cache, output)
 
         return hook
 
@@ -97,12 +101,14 @@ class CacheSite:
             )
         return layer_cache
 
-    def _compress(self, index: int, attn: nn.Module, hidden: Tensor, position_embeddings: tuple, cache: Any) -> None:
+    def _compress(self, index: int, attn: nn.Module, hidden: Tensor, position_embeddings: tuple, cache: Any,
+                  output: Any) -> Any:
+        """Compress layer `index`'s cache; returns the attention output to use (None: unchanged)."""
         cutter, state = self.cutter, self.cutter.prefill
         segment = state.segment_at(index)
         layer_cache = self._layer_cache(cache, attn.layer_idx, hidden.shape[1])
         with stage("signals"):
-            key_mask = segment.mask2d.bool()
+            key_mask = state.prompt_mask(segment.mask2d).bool()  # the method plans over the prompt alone
             count = min(self.request.queries, int(key_mask.sum(1).min()))
             rows = torch.stack([m.nonzero()[-count:, 0] for m in key_mask])  # [B, q] each sample's last real tokens
             queries = project(attn, attn.q_proj, gather_rows(hidden, rows), "q_norm")  # [B, H, q, d]
@@ -126,10 +132,18 @@ class CacheSite:
         plan.heads = validate_heads(plan.heads, key_mask, keys.shape[1], cutter.method.name, index)
         state.record.sites.extend(site_records(ctx, plan))
         with stage("cache"):
-            gather, valid = left_padded_heads(plan.heads, hidden.device)
+            heads = plan.heads
+            if state.candidates:  # assisted decoding's candidates follow the prompt: every head keeps them
+                tail = torch.arange(hidden.shape[1] - state.candidates, hidden.shape[1], device=hidden.device)
+                heads = [torch.cat([h, tail.expand(h.shape[0], -1)], dim=1) for h in heads]
+            gather, valid = left_padded_heads(heads, hidden.device)
             ((keys, values),) = kernels.compact_cache([(keys, values)], gather, valid)
             layer_cache.set_entries(keys, values)
         self._give_segment(layer_cache, index, valid.to(segment.mask2d.dtype), segment, cache)
+        if state.candidates:
+            return candidates_attend_compressed(attn, hidden, position_embeddings, keys, values, valid, output,
+                                                state.candidates)
+        return None
 
     @staticmethod
     def _give_segment(layer_cache: SegmentLayer, index: int, mask: Tensor, parent: Segment, cache: Any) -> None:
@@ -141,6 +155,30 @@ class CacheSite:
                 return
         layer_cache.segment = Segment(index, mask, None, parent.offset, parent.prompt_length)
         layer_cache.first = True
+
+
+def candidates_attend_compressed(attn: nn.Module, hidden: Tensor, position_embeddings: tuple, keys: Tensor,
+                                 values: Tensor, valid: Tensor, output: Any, count: int) -> Any:
+    """The attention output with its last `count` rows (assisted decoding's candidates) recomputed against the
+    compressed cache, as greedy decoding computes them step by step after the prefill: each candidate attends the
+    kept prompt entries and the candidates up to itself. keys/values [B, H_c, S, d] (the candidates last), valid
+    [B, S]. Plain softmax attention at the module's `scaling` (the layers whose cache the kv_cache site accepts)."""
+    if getattr(getattr(attn, "config", None), "attn_logit_softcapping", None):
+        raise VTPruneError("assisted decoding with a kv_cache method needs attention without logit soft-capping; "
+                           "decode without an assistant model")
+    cos, sin = position_embeddings
+    queries = rotate(attn, project(attn, attn.q_proj, hidden[:, -count:], "q_norm"),
+                     cos[:, -count:], sin[:, -count:])  # [B, H, count, d]
+    groups = queries.shape[1] // keys.shape[1]
+    allowed = valid[:, None, None, :].expand(-1, 1, count, -1).clone()  # [B, 1, count, S]
+    allowed[..., -count:] = torch.ones(count, count, dtype=torch.bool, device=valid.device).tril()
+    rows = F.scaled_dot_product_attention(queries, keys.repeat_interleave(groups, dim=1),
+                                          values.repeat_interleave(groups, dim=1), attn_mask=allowed,
+                                          scale=attn.scaling)  # [B, H, count, d]
+    rows = attn.o_proj(rows.transpose(1, 2).reshape(hidden.shape[0], count, -1).to(hidden.dtype))
+    attended = output[0].clone()
+    attended[:, -count:] = rows
+    return (attended, *output[1:])
 
 
 def validate_heads(heads: list[Tensor] | None, key_mask: Tensor, cache_heads: int, name: str, layer: int) -> list[Tensor]:
