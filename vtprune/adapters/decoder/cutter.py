@@ -154,12 +154,25 @@ class DecoderCutter:
         if is_static(cache):
             self._check_static(cache)
             mask = padding_mask(mask, cache, embeds, past)
-        elif mask is not None and mask.dim() != 2:
-            raise VTPruneError("vtprune needs a 2-D attention mask (batch, length), not a prepared 4-D mask")
         self.prefill = self.continuation = None
+        if mask is not None and mask.dim() != 2 and not is_static(cache):
+            return self._custom_mask_call(embeds, cache, past)
         if past == 0:
             return args, self._start_prefill(embeds, mask, kwargs.get("position_ids"), cache, kwargs)
         return self._start_continuation(embeds, mask, kwargs.get("position_ids"), cache, past, args, kwargs)
+
+    def _custom_mask_call(self, embeds: Tensor, cache: Any, past: int) -> None:
+        """A caller's own 4-D mask (shared prefixes, packed documents): the language model runs as dense when there is
+        nothing to prune (a text-only prompt, or a cache filled outside any session); refused otherwise."""
+        if past == 0:
+            if not self.adapter.take_layout(*embeds.shape[:2]).visual_mask().any():
+                return None
+        elif not isinstance(getattr(cache, "layers", [None])[0], SegmentLayer):
+            return None
+        raise VTPruneError(
+            "vtprune compacts the 2-D padding mask (batch, length) of a prompt with visual tokens; a prepared 4-D "
+            "mask cannot follow its cuts: pass attention_mask as (batch, length)"
+        )
 
     def _check_static(self, cache: Any) -> None:
         """Refuse, in one line, a static cache this method or this cache's layers cannot prune into."""
