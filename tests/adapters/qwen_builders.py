@@ -23,10 +23,11 @@ CHAT_TEMPLATE = (
 
 def build_tiny_qwen(
     kind: str = "qwen2-vl", seed: int = 0, layers: int = 3, heads: int = 2, kv_heads: int = 1, head_dim: int = 64,
-    attn: str = "sdpa",
+    attn: str = "sdpa", sliding: bool = False,
 ) -> nn.Module:
     """Qwen2-VL or Qwen2.5-VL in miniature: 2-block vision tower (4 px patches, 2×2 merge), GQA language model with
-    M-RoPE (mrope_section sums to head_dim / 2), SDPA attention."""
+    M-RoPE (mrope_section sums to head_dim / 2), SDPA attention. `sliding`: every layer after the first is a
+    sliding-window layer (a window longer than any test sequence), so generate() builds DynamicSlidingWindowLayers."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -42,6 +43,9 @@ def build_tiny_qwen(
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [quarter, 3 * quarter // 2, 3 * quarter // 2]},
         pad_token_id=PAD, bos_token_id=None, eos_token_id=IM_END,
     )
+    if sliding:
+        text |= dict(use_sliding_window=True, sliding_window=4096, max_window_layers=1,
+                     layer_types=["full_attention"] + ["sliding_attention"] * (layers - 1))
     ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     if kind == "qwen2-vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=heads * head_dim, num_heads=2, mlp_ratio=2, patch_size=4,

@@ -246,6 +246,24 @@ def test_refusals(llava):
         llava.generate(**sample(padded_batch(), 0), max_new_tokens=3, do_sample=False, prompt_lookup_num_tokens=2)
 
 
+@pytest.mark.parametrize("name", ["scissorhands", "a2sf", "ems"])
+def test_a_sliding_window_cache_runs_dense_at_keep_all_and_is_refused_under_a_budget(name):
+    model = build_tiny_qwen("qwen2-vl", sliding=True)
+    batch = two_screenshot_batch(build_qwen_processor("qwen2-vl"))
+    options = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        dense = model.generate(**batch, **options)
+        assert "DynamicSlidingWindowLayer" in {type(layer).__name__ for layer in dense.past_key_values.layers}
+        with vtprune.make(name, keep=1.0)(model):
+            kept = model.generate(**batch, **options)
+        assert torch.equal(kept.sequences, dense.sequences)
+        for got, want in zip(kept.logits, dense.logits):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        with pytest.raises(VTPruneError, match="layer 1 holds DynamicSlidingWindowLayer: use the default cache"):
+            with vtprune.make(name, keep=12, recent=2)(model):
+                model.generate(**batch, max_new_tokens=2, do_sample=False)
+
+
 @pytest.fixture(scope="module")
 def qwen():
     return build_tiny_qwen("qwen2-vl"), two_screenshot_batch(build_qwen_processor("qwen2-vl"))

@@ -121,6 +121,15 @@ class EvictingSite:
     def _prefill(self, index: int, attn: nn.Module, hidden: Tensor, rope: tuple, cache: Any) -> None:
         state = self.cutter.prefill
         segment = state.segment_at(index)
+        mask = segment.mask2d.bool()
+        layout = state.layout
+        budgets = []  # per sample: the cache budget, None where it holds the whole prompt
+        for b in range(mask.shape[0]):
+            visual = layout.visual_positions(b)
+            budgets.append(self.method.cache_budget(int(mask[b].sum()), visual.numel(),
+                                                    len({span.image for span in layout.spans[b] if span.length})))
+        if all(budget is None for budget in budgets):
+            return  # keep-all: the layer stays the dense model's (any cache type, shapes, padding, crop, multi-token)
         layer_cache = cache.layers[attn.layer_idx]
         if not isinstance(layer_cache, SegmentLayer):
             raise VTPruneError(
@@ -133,16 +142,13 @@ class EvictingSite:
             )
         if self.cache_positions and segment.positions is not None and segment.positions.dim() != 2:
             raise VTPruneError(f"{self.method.name} key_positions='cache' needs 1-D positions: use 'original'")
-        mask = segment.mask2d.bool()
-        layout = state.layout
         cos, sin = rope
         states, kept_keys, kept_values, evicted, merged = [], [], [], [], False
-        for b in range(mask.shape[0]):
+        for b, budget in enumerate(budgets):
             real = mask[b].nonzero().squeeze(1)
             n = real.numel()
             visual = torch.zeros(mask.shape[1], dtype=torch.bool, device=mask.device)
             visual[layout.visual_positions(b).to(mask.device)] = True
-            budget = self.method.cache_budget(n, int(visual.sum()), len({span.image for span in layout.spans[b] if span.length}))
             keys, values = layer_cache.keys[b][:, real], layer_cache.values[b][:, real]
             if budget is None:
                 states.append(None)
@@ -159,8 +165,6 @@ class EvictingSite:
             keys, values = self._apply(update, keys, values)
             states.append(policy)
             kept_keys.append(keys), kept_values.append(values), evicted.append(n - keys.shape[1])
-        if all(policy is None for policy in states):
-            return  # keep-all: the layer stays the dense model's (shapes, padding, crop and multi-token calls)
         offset = segment.offset.clone()
         if self.cache_positions:  # the next token's position: its cache length (caller position - offset)
             offset = offset + torch.tensor(evicted, device=offset.device)
