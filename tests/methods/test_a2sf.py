@@ -148,7 +148,8 @@ def test_prompt_rows_drops_only_rows_below_the_tolerance():
     cut = A2SFLayer(4, 20, 4, 0.2)
     full.prefill(q, k, 8**-0.5, torch.ones(60, dtype=torch.bool))
     cut.prefill(q[:, -rows:], k, 8**-0.5, torch.ones(60, dtype=torch.bool))
-    torch.testing.assert_close(cut.scores, full.scores, atol=1e-11, rtol=0)
+    # the rows left out weigh < 1e-12; the scores are fp32 (rtol: rounding of a sum in another order)
+    torch.testing.assert_close(cut.scores, full.scores, atol=1e-11, rtol=1e-6)
 
 
 def test_options():
