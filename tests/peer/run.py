@@ -104,20 +104,31 @@ def category(row: dict[str, Any]) -> str:
     return row["outcome"] if row["outcome"] in ("passed", "failed", "skipped") else "failed"
 
 
+# A test that stopped on one of vtprune's documented refusals of a call (README, "Generation modes"): its own error,
+# or torch.compile's Unsupported error carrying the reason of vtprune's session hooks.
+REFUSAL_MARKERS = ("VTPruneError", "vtprune: a session's hooks")
+
+
+def refused_mid_test(row: dict[str, Any]) -> bool:
+    text = f"{row.get('error', '')}\n{row.get('crash', '')}\n{row.get('tail', '')}"
+    return any(marker in text for marker in REFUSAL_MARKERS)
+
+
 def compare(dense: dict[str, dict], run: dict[str, dict]) -> dict[str, Any]:
-    """Counts of one method's run and the tests that pass dense but not under the method."""
+    """Counts of one method's run and the tests that pass dense but not under the method: `regressions` (must be
+    none) and `refused_calls` (the test stopped on a documented refusal of one call, listed apart)."""
     counts = {"tests": len(run), "passed": 0, "failed": 0, "skipped": 0, "refused": 0, "with_session": 0}
     for row in run.values():
         counts[category(row)] += 1
         counts["with_session"] += bool(row["attached"])
-    regressions, refusals = [], {}
+    regressions, refused_calls, refusals = [], [], {}
     for nodeid, row in sorted(run.items()):
         for message in row["refused"]:
             refusals[message] = refusals.get(message, 0) + 1
         base = dense.get(nodeid)
         if base is not None and base["outcome"] == "passed" and row["outcome"] != "passed" \
                 and row["outcome"] != "skipped":
-            regressions.append({
+            (refused_calls if refused_mid_test(row) else regressions).append({
                 "test": nodeid, "error": row.get("error", ""), "when": row.get("when", ""),
                 "crash": row.get("crash", ""), "frames": row.get("frames", []),
                 "vtprune_frames": row.get("vtprune_frames", []),
@@ -125,7 +136,7 @@ def compare(dense: dict[str, dict], run: dict[str, dict]) -> dict[str, Any]:
             })
     newly_skipped = [n for n, r in run.items() if r["outcome"] == "skipped" and dense.get(n, {}).get("outcome") == "passed"]
     missing = [n for n, r in dense.items() if r["outcome"] == "passed" and n not in run]
-    return {"counts": counts, "regressions": regressions, "refusals": refusals,
+    return {"counts": counts, "regressions": regressions, "refused_calls": refused_calls, "refusals": refusals,
             "newly_skipped": newly_skipped, "missing": missing}
 
 
@@ -176,15 +187,16 @@ def _short(nodeid: str) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Peer suite: transformers' model tests, dense and with a keep-all session of each method", ""]
-    lines += ["| family | method | tests | passed | failed | skipped | refused | with session | dense pass → fail |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["| family | method | tests | passed | failed | skipped | refused | with session | call refused | "
+              "dense pass → fail |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for family, fam in result["families"].items():
         d = fam["dense"]
-        lines.append(f"| {family} | dense | {d['tests']} | {d['passed']} | {d['failed']} | {d['skipped']} | – | – | – |")
+        lines.append(f"| {family} | dense | {d['tests']} | {d['passed']} | {d['failed']} | {d['skipped']} | – | – | – | – |")
         for method, m in fam["methods"].items():
             c = m["counts"]
             lines.append(f"| {family} | {method} | {c['tests']} | {c['passed']} | {c['failed']} | {c['skipped']} | "
-                         f"{c['refused']} | {c['with_session']} | {len(m['regressions'])} |")
+                         f"{c['refused']} | {c['with_session']} | {len(m.get('refused_calls', []))} | "
+                         f"{len(m['regressions'])} |")
     lines += ["", "## Tests that pass dense and fail under a method", ""]
     for family, fam in result["families"].items():
         for method, m in fam["methods"].items():
@@ -195,6 +207,11 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(f"- {family} / {method}: `{_short(n)}` — skipped under the method, passed dense")
             for n in m["missing"]:
                 lines.append(f"- {family} / {method}: `{_short(n)}` — did not run (process ended early?)")
+    lines += ["", "## Tests that pass dense and stop under a method on a documented refusal of one call", ""]
+    for family, fam in result["families"].items():
+        for method, m in fam["methods"].items():
+            for r in m.get("refused_calls", []):
+                lines.append(f"- {family} / {method}: `{_short(r['test'])}` — {r['error']}")
     lines += ["", "## Failures grouped by error and vtprune frame", ""]
     for i, g in enumerate(result.get("groups", []), 1):
         tests = ", ".join(f"{t} ({n})" for t, n in sorted(g["tests"].items(), key=lambda kv: -kv[1])[:10])
