@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import vtprune
+from tests.adapters.keep_all import assert_keep_all_matches_dense, assert_refused_untouched
 from tests.adapters.qwen_builders import IMAGE, KINDS, VIDEO, build_qwen_processor, build_tiny_qwen, two_screenshot_batch
 from tests.helpers import hooks_of
 
@@ -63,14 +64,8 @@ def test_every_method_runs_or_is_refused():
 
 @pytest.mark.parametrize("name, options", KEEP_ALL, ids=[f"{n}-{i}" for i, (n, _) in enumerate(KEEP_ALL)])
 def test_keep_all_reproduces_dense_logits(qwen, name, options):
-    model, batch, dense_logits, dense_sequences, dense_steps = qwen
-    with torch.no_grad(), vtprune.make(name, **options)(model) as trace:
-        logits = model(**batch).logits
-        sequences, steps = generate(model, batch)
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(logits[real], dense_logits[real], atol=1e-5, rtol=0)
-    torch.testing.assert_close(steps, dense_steps, atol=1e-5, rtol=0)  # prefill and every decoding step
-    assert torch.equal(sequences, dense_sequences)
+    model, batch, *dense = qwen
+    trace = assert_keep_all_matches_dense(model, batch, tuple(dense), vtprune.make(name, **options), generate)
     assert trace.visual_tokens() == [(64, 64), (80, 80)]
 
 
@@ -88,26 +83,15 @@ def test_layout_has_one_span_per_screenshot(qwen):
             assert bool((ids[b, span.start : span.end] == IMAGE).all())
 
 
-def test_vtc_cls_is_refused_clearly(qwen):
-    model = qwen[0]
-    hooks = hooks_of(model)
-    with pytest.raises(vtprune.VTPruneError, match=r"\[CLS\] token; the qwen2-vl tower has none"):
-        vtprune.make("vtc-cls", keep=4)(model)
-    assert hooks_of(model) == hooks
-
-
 @pytest.mark.parametrize("name, options, message", [
+    ("vtc-cls", dict(keep=4), r"\[CLS\] token; the qwen2-vl tower has none"),
     ("visionzip", {}, r"\[CLS\] token"),
     ("scope", {}, r"\[CLS\] token"),
     ("holov", {}, r"\[CLS\] token"),
     ("vflowopt", dict(llm_layers=(1, 2)), "VisionAttention"),
 ])
 def test_methods_without_their_signals_are_refused(qwen, name, options, message):
-    model = qwen[0]
-    hooks = hooks_of(model)
-    with pytest.raises(vtprune.VTPruneError, match=message):
-        vtprune.make(name, **options)(model)
-    assert hooks_of(model) == hooks
+    assert_refused_untouched(qwen[0], name, options, message)
 
 
 def test_placeholder_ids_without_media_are_text_and_embeddings_find_the_images(qwen):

@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 import vtprune
+from tests.adapters.keep_all import assert_keep_all_matches_dense
 from tests.adapters.qwen_builders import (
     IMAGE,
     KINDS,
@@ -66,14 +67,8 @@ def test_every_method_is_covered():
 
 @pytest.mark.parametrize("name, options", VIDEO_KEEP_ALL, ids=[f"{n}-{i}" for i, (n, _) in enumerate(VIDEO_KEEP_ALL)])
 def test_keep_all_reproduces_dense(case, name, options):
-    model, batch, dense_logits, dense_sequences, dense_steps = case
-    with torch.no_grad(), vtprune.make(name, **options)(model) as trace:
-        logits = model(**batch).logits
-        sequences, steps = generate(model, batch)
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(logits[real], dense_logits[real], atol=1e-5, rtol=0)
-    torch.testing.assert_close(steps, dense_steps, atol=1e-5, rtol=0)  # prefill and every decoding step
-    assert torch.equal(sequences, dense_sequences)
+    model, batch, *dense = case
+    trace = assert_keep_all_matches_dense(model, batch, tuple(dense), vtprune.make(name, **options), generate)
     assert trace.visual_tokens() == [(n, n) for n in visual_counts(batch).tolist()]
 
 
