@@ -7,7 +7,7 @@
         --device cuda --dtype bfloat16                                 # LLaVA-1.5-7B's full shape on a GPU
     python benchmarks/long_decode.py --out out/long_decode             # also writes long_decode.md/.csv/.json
 
-Part A: a LLaVA-1.5-shaped model with random weights (`vtprune.eval.bench.llava15_shaped`, the shape of `vtprune
+Part A: a LLaVA-1.5-shaped model with random weights (`vtprune.eval.shapes.llava15_shaped`, the shape of `vtprune
 bench`: CLIP-L/336 tower, 576 visual tokens, Llama LM, scaled by --llm-layers/--llm-hidden/--vision-layers/
 --vision-hidden), one image and a short question, `generate(max_new_tokens=--new-tokens)` with eos disabled (always
 that many tokens), for the dense model and for every method of --methods at every --budgets value (cache entries per
@@ -47,7 +47,7 @@ import torch
 
 import vtprune
 from vtprune.core import make_at, parse_budget, parse_method_spec
-from vtprune.eval.bench import llava15_inputs, llava15_shaped
+from vtprune.eval.shapes import llava15_inputs, llava15_shaped
 from vtprune.eval.speed import synchronize
 
 KV_METHODS = ["streamingllm", "scissorhands", "a2sf", "ems", "gui-kv"]

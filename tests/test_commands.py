@@ -109,11 +109,11 @@ def test_each_command_names_a_function_that_exists():
 
 
 def test_the_light_copies_of_constants_match_their_modules():
-    from vtprune.eval import bench
+    from vtprune.eval import bench, shapes
     from vtprune.loading import EMBEDDED
 
     assert commands.EMBEDDED == EMBEDDED
-    assert commands.LLAVA_15_7B == bench.LLAVA_15_7B
+    assert commands.SHAPES == shapes.SHAPES and commands.LLAVA_15_7B == shapes.LLAVA_15_7B
     assert bench.__doc__.strip() in subcommands()["bench"].format_help()
 
 

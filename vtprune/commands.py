@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 PACKAGE = Path(__file__).resolve().parent
 EMBEDDED = "toy"  # the small trained LLaVA shipped inside the package (vtprune.loading.EMBEDDED)
-LLAVA_15_7B = "llava-1.5-7b"  # bench's random-weight LLaVA-1.5-7B shape (vtprune.eval.bench.LLAVA_15_7B)
+LLAVA_15_7B = "llava-1.5-7b"  # bench's random-weight shapes (vtprune.eval.shapes.SHAPES)
+SHAPES = (LLAVA_15_7B, "qwen3-vl-image", "qwen3-vl-video")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 AUTO_DEVICE = "default: cuda when available, else cpu"
 
@@ -134,19 +135,20 @@ def add_bench(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="speed, memory, KV cache and FLOPs of methods vs dense, as ratios",
                               description=module_doc("eval/bench.py"), formatter_class=Formatter)
     p.add_argument("--models", "--model", nargs="+", default=[EMBEDDED],
-                   help=f"toy (the embedded model), {LLAVA_15_7B} (random weights, sized by the four options below), "
+                   help=f"toy (the embedded model), {', '.join(SHAPES)} (random weights, sized by the four options "
+                   "below; see vtprune/eval/shapes.py), "
                    "or a local path / hub id")
     p.add_argument("--methods", nargs="+", default=None,
                    help="NAME or NAME:opt=value,opt=value; default: every method (fastv at layer=2). vflowopt runs at "
                    "keep=N like the others; its presets keep10/25/50 fix the average share kept over the LM's layers, "
                    "not the final count, so keep50 can end with fewer tokens than keep25")
     p.add_argument("--budgets", nargs="+", type=budget, default=[64, 128], help="keep values (int or ratio)")
-    p.add_argument("--llm-layers", type=int, default=4, help=f"{LLAVA_15_7B}: decoder layers (the real model: 32)")
-    p.add_argument("--llm-hidden", type=int, default=512, help=f"{LLAVA_15_7B}: LM width, heads of 128 (real: 4096)")
-    p.add_argument("--vision-layers", type=int, default=2, help=f"{LLAVA_15_7B}: vision encoder layers (real: 24)")
+    p.add_argument("--llm-layers", type=int, default=4, help="shapes: decoder layers (LLaVA-1.5-7B: 32, Qwen3-VL-8B: 36)")
+    p.add_argument("--llm-hidden", type=int, default=512, help="shapes: LM width, heads of 128 (real: 4096)")
+    p.add_argument("--vision-layers", type=int, default=2, help="shapes: vision encoder layers (real: 24, 27)")
     p.add_argument("--vision-hidden", type=int, default=256,
-                   help=f"{LLAVA_15_7B}: vision encoder width, heads of 64 (real: 1024)")
-    p.add_argument("--text-tokens", type=int, default=60, help=f"{LLAVA_15_7B}: prompt text around the image")
+                   help="shapes: vision encoder width (real: 1024, 1152)")
+    p.add_argument("--text-tokens", type=int, default=60, help="shapes: prompt text around the image or video")
     p.add_argument("--question", default="what is in the picture?", help="prompt for loaded models")
     p.add_argument("--new-tokens", type=int, default=8, help="tokens generated for the end-to-end time")
     p.add_argument("--batch", type=positive_int, default=1,

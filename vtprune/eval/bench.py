@@ -23,9 +23,10 @@ sites in bench.json.
 (left padding, different kept counts per sample; the bound and the schedule run at the longest sample's lengths, as a
 padded batch does); a loaded model repeats its prompt. Visual tokens and FLOPs are then batch totals.
 Methods with a `keep` run at every `--budgets` value; presets (`transprune:preset=high`) are budgets of their own.
-Model shapes: `llava-1.5-7b` (CLIP-L/336 tower, 576 visual tokens, Llama LM, random weights; `--llm-layers`,
-`--llm-hidden`, `--vision-layers`, `--vision-hidden` scale it down), `toy` (the embedded model), or a local path / hub
-id (`from_pretrained`).
+Model shapes (random weights; `--llm-layers`, `--llm-hidden`, `--vision-layers`, `--vision-hidden` scale them down;
+`vtprune.eval.shapes`): `llava-1.5-7b` (CLIP-L/336 tower, 576 visual tokens, Llama LM), `qwen3-vl-image` (Qwen3-VL-8B
+proportions, one image of 2,024 visual tokens), `qwen3-vl-video` (the same, a 32-frame video of 3,136 visual tokens);
+`toy` (the embedded model), or a local path / hub id (`from_pretrained`).
 Writes bench.md, bench.csv, bench.json and bench.png (prefill speedup vs kept visual tokens) to `--out`.
 """
 
@@ -49,10 +50,10 @@ from .flops import llm_flops, visual_tokens_per_layer
 from .measure import cache_bytes
 from .memory import peak_memory_bytes
 from .profile import host_syncs, stage_times
-from .schedule import layer_lengths, schedule_forward
+from .schedule import encode_media, layer_lengths, media_inputs, schedule_forward
+from .shapes import SHAPES, shaped
 from .speed import median_seconds
 
-LLAVA_15_7B = "llava-1.5-7b"
 SPEC_OVERRIDES = {"fastv": "fastv:layer=2"}  # FastV's K=2 of the paper fits the toy's 4 layers
 
 
@@ -62,41 +63,6 @@ def default_methods() -> list[str]:
     return [SPEC_OVERRIDES.get(name, name) for name in vtprune.available()]
 
 
-def llava15_shaped(
-    llm_hidden: int = 4096, llm_layers: int = 32, vision_hidden: int = 1024, vision_layers: int = 24
-) -> torch.nn.Module:
-    """LLaVA-1.5-7B's shape with random weights: CLIP-L/336 tower (24 x 1024, 14 px patches: 576 visual tokens) and a
-    Llama LM (32 x 4096, heads of 128); the widths and depths scale down, the 576 visual tokens stay."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden, intermediate_size=4 * vision_hidden, num_hidden_layers=vision_layers,
-        num_attention_heads=vision_hidden // 64, image_size=336, patch_size=14, projection_dim=768,
-    )
-    text = LlamaConfig(
-        vocab_size=32064, hidden_size=llm_hidden, intermediate_size=int(llm_hidden * 2.6875) // 64 * 64,
-        num_hidden_layers=llm_layers, num_attention_heads=llm_hidden // 128, num_key_value_heads=llm_hidden // 128,
-    )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = None  # random weights: always decode the requested number of tokens
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def llava15_inputs(text_tokens: int, batch: int = 1) -> dict[str, torch.Tensor]:
-    """`batch` prompts, each its images (576 tokens each, random pixels) inside `text_tokens` text tokens. Sample b
-    holds 1 + b % 2 images, so a batch is ragged: different visual counts, left padding, different kept counts."""
-    before = text_tokens // 2
-    rows = [[1] + [500] * (before - 1) + [32000] * 576 * (1 + b % 2) + [600] * (text_tokens - before)
-            for b in range(batch)]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])
-    images = sum(1 + b % 2 for b in range(batch))
-    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "pixel_values": torch.randn(images, 3, 336, 336)}
-
-
 def repeated(inputs: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
     """One prompt's inputs as a batch of `batch` identical samples (every tensor is per sample along dim 0)."""
     return {k: v.repeat(batch, *[1] * (v.dim() - 1)) for k, v in inputs.items()}
@@ -104,9 +70,9 @@ def repeated(inputs: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Ten
 
 def load_shape(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """(model, prompt inputs) of a model shape, on `args.device`."""
-    if name == LLAVA_15_7B:
-        model = llava15_shaped(args.llm_hidden, args.llm_layers, args.vision_hidden, args.vision_layers)
-        inputs = llava15_inputs(args.text_tokens, args.batch)
+    if name in SHAPES:
+        model, inputs = shaped(name, args.llm_hidden, args.llm_layers, args.vision_hidden, args.vision_layers,
+                               args.text_tokens, args.batch)
     else:
         from PIL import Image
 
@@ -228,7 +194,7 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
         config.generate(1)
 
     # the bound: the vision encoder, then the dense language model on the pruned length (no scoring, no hooks)
-    vision_inputs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes") if k in inputs}
+    vision_inputs = media_inputs(inputs)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     lengths = sorted({bound for *_, bound in grid})
     batch = inputs["input_ids"].shape[0]
@@ -236,7 +202,7 @@ def bench_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[Row]:
 
     def free_cut(length: int) -> None:
         with torch.no_grad():
-            model.get_image_features(**vision_inputs)
+            encode_media(model, vision_inputs)
             head(decoder(inputs_embeds=embeds[length]).last_hidden_state[:, -1:])
 
     bound_times: dict[int, list[float]] = {n: [] for n in lengths}

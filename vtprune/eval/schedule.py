@@ -19,6 +19,25 @@ from torch import Tensor
 from transformers import DynamicCache
 
 
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "image_sizes")
+VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw")
+
+
+def media_inputs(inputs: dict) -> dict:
+    """The inputs of a prompt that feed the vision encoder (images and videos)."""
+    return {k: v for k, v in inputs.items() if k in IMAGE_INPUTS + VIDEO_INPUTS}
+
+
+def encode_media(model: Any, media: dict) -> None:
+    """Run `model`'s vision encoder on a prompt's images and videos (`media_inputs`), as its forward does."""
+    images = {k: v for k, v in media.items() if k in IMAGE_INPUTS}
+    videos = {k: v for k, v in media.items() if k in VIDEO_INPUTS}
+    if images:
+        model.get_image_features(**images)
+    if videos:
+        model.get_video_features(**videos)
+
+
 def layer_lengths(prompt: int, visual_before: int, visual_per_layer: list[int]) -> list[int]:
     """Sequence length entering each decoder layer of a batch-1 prompt: its text plus the visual tokens there."""
     return [prompt - visual_before + n for n in visual_per_layer]
@@ -49,7 +68,7 @@ def schedule_forward(
 
     def run() -> tuple[Tensor, Any]:
         with torch.no_grad():
-            model.get_image_features(**vision_inputs)
+            encode_media(model, vision_inputs)
             hidden, cache = hidden0, DynamicCache(config=decoder.config)
             positions = torch.arange(lengths[0], device=hidden.device)[None]
             rotary = decoder.rotary_emb(hidden, position_ids=positions)
