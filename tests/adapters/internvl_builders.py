@@ -44,6 +44,15 @@ def build_tiny_internvl(seed: int = 0, layers: int = 4, attn: str = "sdpa", qk_n
     return model
 
 
+# InternVL's chat layout, short: the processor expands each `<IMG_CONTEXT>` into <img>, the tiles' context tokens, </img>
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def build_internvl_processor(max_patches: int = 4):
     """Offline InternVL processor: byte-level tokenizer (256 byte tokens + the special tokens at 256..262), left
     padding, images cut into at most `max_patches` 32 px tiles plus a thumbnail when there are several."""
@@ -69,7 +78,7 @@ def build_internvl_processor(max_patches: int = 4):
                                    max_patches=max_patches)
     videos = InternVLVideoProcessor(size={"height": TILE, "width": TILE}, do_sample_frames=False)
     return InternVLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos,
-                             image_seq_length=PER_TILE)
+                             image_seq_length=PER_TILE, chat_template=CHAT_TEMPLATE)
 
 
 def pictures(seed: int = 0) -> list[Image.Image]:

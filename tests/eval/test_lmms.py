@@ -200,16 +200,19 @@ def test_loglikelihood_through_the_plugin_keeps_dense_scores_when_keeping_everyt
     assert scores[2][1] == 2 and scores[2][0] != pytest.approx(scores[None][0], abs=1e-5)
 
 
-@pytest.mark.parametrize("kind, base, chat", [("qwen2-vl", "qwen2_vl", False), ("qwen2.5-vl", "qwen2_5_vl", True)])
+@pytest.mark.parametrize("kind, base, chat", [("qwen2-vl", "qwen2_vl", False), ("qwen2.5-vl", "qwen2_5_vl", True),
+                                              ("qwen3-vl", "qwen3_vl", False), ("qwen3-vl", "qwen3_vl", True)])
 def test_qwen_bases_run_through_lmms_evals_own_classes(tmp_path, kind, base, chat):
     from lmms_eval.api.instance import Instance
     from PIL import Image
 
+    from tests.adapters.qwen3_builders import build_qwen3_processor, build_tiny_qwen3
     from tests.adapters.qwen_builders import build_qwen_processor, build_tiny_qwen
     from vtprune.eval.lmms import VTPrune, VTPruneChat
 
-    build_tiny_qwen(kind).save_pretrained(tmp_path)
-    build_qwen_processor(kind).save_pretrained(tmp_path)
+    qwen3 = kind == "qwen3-vl"
+    (build_tiny_qwen3() if qwen3 else build_tiny_qwen(kind)).save_pretrained(tmp_path)
+    (build_qwen3_processor() if qwen3 else build_qwen_processor(kind)).save_pretrained(tmp_path)
     image = Image.linear_gradient("L").convert("RGB").resize((64, 48))
     question, generation = "what is it?", {"max_new_tokens": 2}
     if chat:
@@ -242,3 +245,27 @@ def test_pretrained_toy_names_the_embedded_model_folder():
         with pytest.raises(VTPruneError, match="pretrained=toy: the embedded model is missing"):
             resolve_pretrained("toy")
     assert resolve_pretrained("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+
+
+def test_the_internvl_hf_base_runs_through_lmms_evals_chat_class(tmp_path):
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    from tests.adapters.internvl_builders import build_internvl_processor, build_tiny_internvl
+    from vtprune.eval.lmms import VTPrune, VTPruneChat
+
+    build_tiny_internvl().save_pretrained(tmp_path)
+    build_internvl_processor().save_pretrained(tmp_path)
+    image = Image.linear_gradient("L").convert("RGB").resize((64, 48))
+    messages = [{"role": "user", "content": [{"type": "image", "url": image}, {"type": "text", "text": "what?"}]}]
+    request = Instance("generate_until", ("what?", lambda doc: messages, {"max_new_tokens": 2}, 0, "t", "test"), idx=0,
+                       metadata={"task": "t", "doc_id": 0, "repeats": 1})
+    lm = VTPruneChat(base="internvl_hf", pretrained=str(tmp_path), device="cpu", device_map="cpu", method="random",
+                     keep=4)
+    lm.task_dict["t"] = {"test": [{}]}
+    (result,) = lm.generate_until([request])
+    counts = result.token_counts
+    assert isinstance(result.text, str) and counts.visual_tokens_before > 4
+    assert (counts.visual_tokens_after, counts.output_tokens) == (4, 2)
+    with pytest.raises(VTPruneError, match="no simple implementation of internvl_hf; drop --force_simple"):
+        VTPrune(base="internvl_hf", pretrained=str(tmp_path), method="random", keep=4)

@@ -55,7 +55,7 @@ DENSE = "dense"  # method=dense: the base model as is, measured the same way
 class Base:
     """lmms-eval's implementations of one model family and where they keep the transformers processor."""
 
-    simple: str
+    simple: str | None
     chat: str | None
     processor: str
 
@@ -68,6 +68,10 @@ BASES = {  # base name -> lmms-eval classes; vtprune's adapters decide which che
     "qwen2_5_vl": Base(
         "lmms_eval.models.simple.qwen2_5_vl.Qwen2_5_VL", "lmms_eval.models.chat.qwen2_5_vl.Qwen2_5_VL", "processor"
     ),
+    "qwen3_vl": Base(
+        "lmms_eval.models.simple.qwen3_vl.Qwen3_VL", "lmms_eval.models.chat.qwen3_vl.Qwen3_VL", "processor"
+    ),
+    "internvl_hf": Base(None, "lmms_eval.models.chat.internvl_hf.InternVLHf", "processor"),  # transformers-native
 }
 
 
@@ -193,7 +197,8 @@ class VTPrune(lmms):
             raise VTPruneError(f"unsupported base model {base!r}; supported: {', '.join(BASES)}")
         class_path = BASES[base].chat if not self.is_simple else BASES[base].simple
         if class_path is None:
-            raise VTPruneError(f"lmms-eval has no chat implementation of {base}; add --force_simple")
+            kind, fix = ("chat", "add --force_simple") if not self.is_simple else ("simple", "drop --force_simple")
+            raise VTPruneError(f"lmms-eval has no {kind} implementation of {base}; {fix}")
         try:
             self.requests_per_batch = int(batch_size)
         except ValueError:
