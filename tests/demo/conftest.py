@@ -1,4 +1,4 @@
-"""Fixtures for the demo: saved tiny models of three families (with offline processors) and the bundled examples."""
+"""Fixtures for the demo: saved tiny models of five families (with offline processors) and the bundled examples."""
 
 from __future__ import annotations
 
@@ -41,4 +41,24 @@ def saved_onevision(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-onevision")
     build_tiny_onevision().save_pretrained(folder)
     build_onevision_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def saved_qwen3(tmp_path_factory):
+    from tests.adapters.qwen3_builders import build_qwen3_processor, build_tiny_qwen3
+
+    folder = tmp_path_factory.mktemp("tiny-qwen3-vl")
+    build_tiny_qwen3().save_pretrained(folder)
+    build_qwen3_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def saved_internvl(tmp_path_factory):
+    from tests.adapters.internvl_builders import build_internvl_processor, build_tiny_internvl
+
+    folder = tmp_path_factory.mktemp("tiny-internvl")
+    build_tiny_internvl().save_pretrained(folder)
+    build_internvl_processor().save_pretrained(folder)
     return folder

@@ -45,6 +45,27 @@ def test_compare_goes_on_past_a_method_the_adapter_refuses(demo, saved_qwen, scr
     assert len(pooled.heatmaps) == 3
 
 
+def test_qwen3_vl_runs_its_methods_and_refuses_cls_methods(demo, saved_qwen3, screenshots):
+    report = demo.run(Request(files=screenshots.files, question="click", model=str(saved_qwen3),
+                              methods=["pool", "vtc-cls"], budget="0.25", **QUICK))
+    pooled, refused = report.runs
+    assert pooled.error is None and pooled.answer
+    before, after = pooled.visual
+    assert before == report.dense.visual[0] and after == 3 * (before // 3 // 4)  # a quarter of each screenshot
+    assert "[CLS]" in refused.error and "qwen3-vl" in refused.error
+
+
+def test_internvl_heatmaps_show_each_image_on_its_thumbnail(demo, saved_internvl, screenshots):
+    report = demo.run(Request(files=screenshots.files, question="click", model=str(saved_internvl),
+                              methods=["vtc-cls"], budget="0.25", **QUICK))
+    run = report.runs[0]
+    assert run.error is None and isinstance(run.answer, str)  # random weights: maybe only special tokens
+    assert run.visual == (report.dense.visual[0], report.dense.visual[0] // 4)
+    # three 4x4-token tiles per screenshot (two tiles and the thumbnail): the heatmap is the thumbnail's grid
+    assert [caption.split(":")[0] for _, caption in run.heatmaps] == [f"screen_{i}.png (thumbnail)" for i in (1, 2, 3)]
+    assert all(caption.endswith("of 16 patches kept") for _, caption in run.heatmaps)
+
+
 def test_a_video_goes_through_the_video_path_of_a_model_that_takes_videos(demo, saved_onevision, video):
     report = demo.run(Request(files=video.files, question="w1", model=str(saved_onevision), methods=["pool"],
                               budget="0.25", frames=4, **QUICK))

@@ -85,17 +85,23 @@ class Trace:
             out.append((before, sites[-1].visual_after if sites else before))
         return out
 
+    def image_view(self, image: int, forward: int = -1) -> tuple[int, Any, slice]:
+        """(sample, span, ordinal slice) of the span that shows the whole image: its only span, an anyres base view
+        or a thumbnail (not a tile), else its first span."""
+        record = self.forwards[forward]
+        found = [(b, span, sl) for b in range(record.layout.batch_size)
+                 for span, sl in record.layout.ordinal_slices(b) if span.image == image]
+        if not found:
+            raise KeyError(f"image {image} is not in forward {forward}")
+        return next((f for f in found if f[1].kind not in ("tile", "tiles")), found[0])
+
     def image_map(self, image: int, forward: int = -1) -> tuple[Tensor, Tensor]:
-        """For one image: (scores, kept) on its patch grid, from the first cut that scored it and the last cut.
+        """For one image, on the patch grid of its whole view (`image_view`): (scores, kept), from the first cut that
+        scored it and the last cut.
 
         scores: float [rows, cols] (NaN where unscored); kept: bool [rows, cols].
         """
-        record = self.forwards[forward]
-        for b, spans in enumerate(record.layout.spans):
-            for span, sl in record.layout.ordinal_slices(b):
-                if span.image == image:
-                    return self._span_map(record, b, span, sl)
-        raise KeyError(f"image {image} is not in forward {forward}")
+        return self._span_map(self.forwards[forward], *self.image_view(image, forward))
 
     @staticmethod
     def _span_map(record: ForwardRecord, sample: int, span, sl: slice) -> tuple[Tensor, Tensor]:

@@ -268,13 +268,12 @@ def center_crops(processor: Any, kind: str) -> bool:
 
 def heatmaps(trace: vtprune.Trace, processor: Any, media: Media) -> list[tuple[Image.Image, str]]:
     """Per image or frame: the model's view, the method's scores and the kept tokens (prefill of the answer)."""
-    layout = trace.forwards[0].layout
-    kinds = {span.image: span.kind for spans in layout.spans for span in spans}
     out = []
     for index, (image, name) in enumerate(zip(media.images, media.names)):
         scores, kept = trace.image_map(index, forward=0)
-        view = image if center_crops(processor, kinds[index]) else image.resize((PANEL_SIDE, PANEL_SIDE))
-        what = {"base": " (base view)"}.get(kinds[index], "")
+        kind = trace.image_view(index, forward=0)[1].kind
+        view = image if center_crops(processor, kind) else image.resize((PANEL_SIDE, PANEL_SIDE))
+        what = {"base": " (base view)", "thumbnail": " (thumbnail)"}.get(kind, "")
         caption = f"{name}{what}: {int(kept.sum())} of {kept.numel()} patches kept"
         out.append((heatmap(view, scores, kept, side=PANEL_SIDE, title=caption), caption))
     return out
