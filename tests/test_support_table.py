@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vtprune
+from tests.adapters import idefics3_builders
 from tests.adapters.internvl_builders import build_internvl_processor, build_tiny_internvl, image_batch
 from tests.adapters.qwen3_builders import build_qwen3_processor, build_tiny_qwen3, video_batch
 from tests.adapters.qwen_builders import build_qwen_processor, build_tiny_qwen, two_screenshot_batch
@@ -54,6 +55,8 @@ FAMILIES = {  # column -> (model, inputs) builder
     "qwen2.5-vl": lambda: _qwen("qwen2.5-vl"),
     "qwen3-vl (image + video)": lambda: (build_tiny_qwen3(), video_batch(build_qwen3_processor())),
     "internvl (tiles)": lambda: (build_tiny_internvl(), image_batch(build_internvl_processor())),
+    "idefics3 (crops)": lambda: (idefics3_builders.build_tiny_idefics3(),
+                                 idefics3_builders.image_batch(idefics3_builders.build_idefics3_processor())),
     "open_clip": lambda: (build_tiny_clip(), {"x": clip_images()}),
 }
 

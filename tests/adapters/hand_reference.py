@@ -130,7 +130,7 @@ def write_merges(model, batch, b, embeds, merged, features=None) -> Tensor:
 
 def run(model, s: Sample, new_tokens: list[int]) -> Tensor:
     """[m + t, V] logits of the kept prompt tokens and the t tokens given after it (causal, batch 1, no cache)."""
-    lm = model.model.language_model
+    lm = model.get_decoder()  # the language model (Idefics3 names it text_model)
     t, n = len(new_tokens), s.embeds.shape[0]
     steps = torch.arange(t)
     new = model.model.get_input_embeddings()(torch.tensor(new_tokens, dtype=torch.long)).reshape(t, s.embeds.shape[-1])

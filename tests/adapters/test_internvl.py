@@ -288,13 +288,14 @@ def pooled_tiles(batch, embeds, cells):
     return out, kept
 
 
-def hand_sample(batch, b, embeds, kept, cut):
+def hand_sample(batch, b, embeds, kept, cut, image_id=IMAGE):
     """Sample b's real tokens, its kept visual ordinals `kept` (ascending), a cut before decoder layer `cut` (0: the
-    LLM input, positions renumbered 0..m-1; else the dense positions kept, decoding continuing at n)."""
+    LLM input, positions renumbered 0..m-1; else the dense positions kept, decoding continuing at n). 1-D positions
+    (LLaVA-style models); `image_id`: the model's image token."""
     real = batch["attention_mask"][b].bool()
     ids = batch["input_ids"][b][real]
-    image = (ids == IMAGE).nonzero().squeeze(1)
-    keep = ids != IMAGE
+    image = (ids == image_id).nonzero().squeeze(1)
+    keep = ids != image_id
     keep[image[torch.as_tensor(kept, dtype=torch.long)]] = True
     rows = keep.nonzero().squeeze(1)
     n, m = ids.numel(), rows.numel()

@@ -33,6 +33,8 @@ FAMILIES = {
     "qwen3_vl": ["tests/models/qwen3_vl/test_modeling_qwen3_vl.py"],
     "qwen2_5_vl": ["tests/models/qwen2_5_vl/test_modeling_qwen2_5_vl.py"],
     "internvl": ["tests/models/internvl/test_modeling_internvl.py"],
+    "idefics3": ["tests/models/idefics3/test_modeling_idefics3.py"],
+    "smolvlm": ["tests/models/smolvlm/test_modeling_smolvlm.py"],
 }
 
 # Helpers the model test files import that the sdist does not ship (it holds only tests/test_*.py).
