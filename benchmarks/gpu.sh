@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one run: prefill at the full LLaVA-1.5-7B and LLaVA-NeXT-7B shapes (random weights, fp16),
+# The GPU benchmark in one run: prefill at the full LLaVA-1.5-7B, LLaVA-NeXT-7B and Qwen3-VL-8B shapes (random weights, fp16),
 # with SDPA and, where the flash-attn package is installed, FlashAttention-2; then the Triton compaction kernels.
 # Every number is a ratio to the dense model (or to the torch kernels) measured in the same run.
 #
@@ -25,8 +25,10 @@ mkdir -p "$OUT"
 
 if [ "${QUICK:-0}" = 1 ]; then
     SHAPE=(--llm-layers 4 --llm-hidden 512 --vision-layers 2 --vision-hidden 256) REPEATS=2 DTYPE=float32
+    QWEN3=(--llm-layers 2 --llm-hidden 256 --vision-layers 1 --vision-hidden 144)
 else
     SHAPE=(--llm-layers 32 --llm-hidden 4096 --vision-layers 24 --vision-hidden 1024) REPEATS=5 DTYPE=float16
+    QWEN3=(--llm-layers 36 --llm-hidden 4096 --vision-layers 27 --vision-hidden 1152)
 fi
 ATTNS=(sdpa)
 if "$PY" -c 'import flash_attn' 2>/dev/null; then ATTNS+=(flash_attention_2); fi
@@ -45,6 +47,11 @@ for attn in "${ATTNS[@]}"; do
     echo "== LLaVA-NeXT-7B shape (${SHAPE[*]}), one 672x672 anyres image (2928 visual tokens), $DTYPE, $attn"
     "$PY" benchmarks/prefill_anyres.py "${SHAPE[@]}" --dtype "$DTYPE" --device "$DEVICE" --attn "$attn" \
         --repeats "$REPEATS" | tee "$OUT/next-$attn.md"
+
+    echo "== Qwen3-VL-8B shape (${QWEN3[*]}), a 2,024-token image and a 32-frame video, $DTYPE, $attn"
+    "$PY" -m vtprune bench --model qwen3-vl-image qwen3-vl-video "${QWEN3[@]}" --dtype "$DTYPE" --device "$DEVICE" \
+        --attn "$attn" --methods pool divprune fastv:layer=2 --budgets 0.25 0.1 --repeats "$REPEATS" --new-tokens 32 \
+        --out "$OUT/qwen3vl-$attn"
 done
 
 if [ "$DEVICE" = cuda ]; then
