@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 
 if [ "${QUICK:-0}" = 1 ]; then
     SHAPE=(--llm-layers 4 --llm-hidden 512 --vision-layers 2 --vision-hidden 256) REPEATS=2 DTYPE=float32
-    QWEN3=(--llm-layers 2 --llm-hidden 256 --vision-layers 1 --vision-hidden 144)
+    QWEN3=(--llm-layers 4 --llm-hidden 256 --vision-layers 1 --vision-hidden 144)
 else
     SHAPE=(--llm-layers 32 --llm-hidden 4096 --vision-layers 24 --vision-hidden 1024) REPEATS=5 DTYPE=float16
     QWEN3=(--llm-layers 36 --llm-hidden 4096 --vision-layers 27 --vision-hidden 1152)
