@@ -19,7 +19,12 @@ KINDS = ("idefics3", "smolvlm")
 
 
 def build_tiny_idefics3(kind: str = "idefics3", seed: int = 0, layers: int = 4) -> nn.Module:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,

@@ -103,6 +103,20 @@ def test_image_ends_read_the_global_tag_and_fall_back_to_one_image_per_run():
     assert image_ends(runs, None) == [True] * 4
 
 
+def test_crops_written_back_to_back_are_one_images_crops(model):
+    """transformers' own tests write an image's crops as one run of image tokens, with no tags between them."""
+    from vtprune.adapters.idefics3 import Idefics3Adapter
+
+    is_image = torch.zeros(1, 20, dtype=torch.bool)
+    is_image[0, 2 : 2 + 2 * PER_CROP] = is_image[0, 12 : 12 + PER_CROP] = True
+    layout = Idefics3Adapter(model).layout(is_image)
+    described = [(s.kind, s.image, s.start) for s in layout.spans[0]]
+    assert described == [("tile", 0, 2), ("thumbnail", 0, 6), ("image", 1, 12)]
+    is_image[0, 19] = True
+    with pytest.raises(vtprune.VTPruneError, match="a run of 1 image tokens is not a whole number of crops of 4"):
+        Idefics3Adapter(model).layout(is_image)
+
+
 def test_every_method_runs_or_is_refused():
     assert {name for name, _ in KEEP_ALL} | set(REFUSED) == set(vtprune.available())
 
@@ -133,7 +147,8 @@ def test_prefill_length_is_text_plus_kept(model, batch):
     lm = model.model.text_model
     with torch.no_grad(), vtprune.make("random", keep=6, seed=1)(model) as trace:
         handle = lm.register_forward_pre_hook(  # after the session's own hook, which cuts the input
-            lambda module, args, kwargs: seen.append((kwargs["inputs_embeds"].shape[1], kwargs["attention_mask"].sum(1))),
+            lambda module, args, kwargs: seen.append((kwargs["inputs_embeds"].shape[1],
+                                                      kwargs["attention_mask"].sum(1))),
             with_kwargs=True,
         )
         try:

@@ -13,7 +13,8 @@ Layout: one span per crop, `image` = the image (prompt order, row-major over the
 "thumbnail" (the global image of a split image) or "image" (an image that is its global image alone), `grid` (side,
 side), `patch_index` = `view_patch` = the token's number in its crop, `view` = the crop's encoder input. The
 `<global-img>` tag's id is read from the prompt (the token before each sample's last run); a call with
-`inputs_embeds` and no `input_ids` has no tags, so there each crop is budgeted as an image of its own.
+`inputs_embeds` and no `input_ids` has no tags, so there each run is budgeted as an image of its own. Crops written
+back to back with no tag between them (transformers' own model tests do so) are one run: one image's crops.
 Budgets: `scope="image"` (default) gives an image's crops and global image one budget; `scope="tile"` budgets each.
 
 Positions: 1-D RoPE as in LLaVA ("renumber" before the LLM, "original" inside it; see `decoder/cutter.py`).
@@ -109,27 +110,29 @@ class Idefics3Adapter(Adapter):
         return self.layout(*pending)
 
     def layout(self, is_image: Tensor, input_ids: Tensor | None = None) -> VisualLayout:
-        """One span per crop ([B, L] bool image tokens, the prompt's ids when given): see the module docstring."""
+        """One span per crop ([B, L] bool image tokens, the prompt's ids when given): see the module docstring. A run
+        of several crops' tokens back to back (no tags between them) is one image's crops."""
         per_crop = self.side * self.side
         patch_index = torch.arange(per_crop)
         spans, image, view = [], 0, 0
         for b, row in enumerate(is_image):
             runs = token_runs(row)
             for start, end in runs:
-                if end - start != per_crop:
-                    raise VTPruneError(f"a run of {end - start} image tokens; each crop gives {per_crop}")
+                if (end - start) % per_crop:
+                    raise VTPruneError(f"a run of {end - start} image tokens is not a whole number of crops of "
+                                       f"{per_crop} tokens")
             ends = image_ends(runs, None if input_ids is None else input_ids[b])
-            sample, first = [], 0
-            for index, (start, _) in enumerate(runs):
-                alone = ends[index] and index == first
-                kind = "image" if alone else "thumbnail" if ends[index] else "tile"
+            crops = [(first, ends[i] and first + per_crop == end) for i, (start, end) in enumerate(runs)
+                     for first in range(start, end, per_crop)]  # (start, whether it ends its image)
+            sample, alone = [], True  # alone: no crop of this image came before
+            for start, last in crops:
+                kind = ("image" if alone else "thumbnail") if last else "tile"
                 sample.append(VisualSpan(
                     image=image, start=start, patch_index=patch_index, grid=(self.side, self.side), kind=kind,
                     view=torch.full((per_crop,), view), view_patch=patch_index,
                 ))
                 view += 1
-                if ends[index]:
-                    image, first = image + 1, index + 1
+                image, alone = (image + 1, True) if last else (image, False)
             spans.append(sample)
         return VisualLayout(spans=spans, seq_len=is_image.shape[1])
 
