@@ -241,9 +241,19 @@ def test_the_cache_stays_within_32_entries_for_64_tokens(llava, name):
     assert out.past_key_values.get_seq_length() == padded_batch()["input_ids"].shape[1] + 63  # logical length
 
 
-def test_refusals(llava):
-    with pytest.raises(VTPruneError, match="assisted decoding"), torch.no_grad(), vtprune.make("a2sf", keep=12, recent=2)(llava):
-        llava.generate(**sample(padded_batch(), 0), max_new_tokens=3, do_sample=False, prompt_lookup_num_tokens=2)
+@pytest.mark.parametrize("assist", [{"prompt_lookup_num_tokens": 2}, {"assistant_model": "copy"}])
+def test_candidate_decoding_under_a_budget_is_refused_before_any_forward(llava, assist):
+    if "assistant_model" in assist:
+        assist = {"assistant_model": build_tiny_llava(seed=7)}
+    forwards = []
+    handle = llava.register_forward_pre_hook(lambda *args: forwards.append(1))
+    try:
+        with pytest.raises(VTPruneError, match="a2sf keeps a cache budget while decoding .* or use keep=1.0"):
+            with torch.no_grad(), vtprune.make("a2sf", keep=12, recent=2)(llava):
+                llava.generate(**sample(padded_batch(), 0), max_new_tokens=3, do_sample=False, **assist)
+    finally:
+        handle.remove()
+    assert forwards == []  # refused when generate() enters assisted decoding, not mid-generation
 
 
 @pytest.mark.parametrize("name", ["scissorhands", "a2sf", "ems"])

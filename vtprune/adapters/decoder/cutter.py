@@ -129,6 +129,8 @@ class DecoderCutter:
             return
 
         def _assisted_decoding(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if self.adapter.active():
+                self._refuse_candidates()
             outer, self.assisting = self.assisting, self.adapter.active() or self.assisting
             try:
                 return original(module, *args, **kwargs)
@@ -142,6 +144,17 @@ class DecoderCutter:
 
         swap_class(model, {"_assisted_decoding": _assisted_decoding}, self.adapter)
         self.adapter.hook(model, on_call)
+
+    def _refuse_candidates(self) -> None:
+        """Before assisted decoding or prompt lookup starts: a decode-time KV policy under a budget cannot take their
+        candidates (it evicts at every step, and a rejected candidate's crop cannot restore an evicted entry)."""
+        method = self.method
+        if getattr(method, "evicts_while_decoding", False) and method.keep != 1.0:
+            raise VTPruneError(
+                f"{method.name} keeps a cache budget while decoding and evicts at every step; assisted decoding and "
+                "prompt lookup verify candidates and crop the cache, which cannot restore evicted entries: generate "
+                f"without an assistant or prompt lookup, or use keep=1.0"
+            )
 
     # ------------------------------------------------------------------------------------- language model input
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
