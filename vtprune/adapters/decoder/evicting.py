@@ -233,8 +233,10 @@ class EvictingSite:
         if update.combine is not None:
             keys, values = update.combine.apply(keys, values)
         kept = update.kept.to(keys.device)
-        index = kept[..., None].expand(-1, -1, keys.shape[-1])
-        new_keys, new_values = keys.gather(1, index), values.gather(1, index)
+        heads, length = keys.shape[:2]
+        rows = (kept + torch.arange(heads, device=kept.device)[:, None] * length).reshape(-1)  # whole rows per head
+        new_keys = keys.reshape(heads * length, -1).index_select(0, rows).view(heads, kept.shape[1], -1)
+        new_values = values.reshape(heads * length, -1).index_select(0, rows).view(heads, kept.shape[1], -1)
         if self.cache_positions and kept.shape[1] < keys.shape[1]:  # survivors move to their slot
             shift = torch.arange(kept.shape[1], device=kept.device) - kept
             new_keys = self.method.shift_keys(new_keys, shift, self.inv_freq)
