@@ -209,7 +209,7 @@ class CacheMerge:
         rows = gather_rows(x, self.source).float() * weights[..., None]  # [H_c, E, d]
         sums = torch.zeros(heads * self.slots.shape[1], dim, dtype=torch.float32, device=x.device)
         sums.index_add_(0, flat_rows(self.column, self.slots.shape[1]), rows.view(-1, dim))  # [H_c · K, d]
-        out = x.clone()
+        out = x.clone(memory_format=torch.contiguous_format)
         out.view(heads * length, dim).index_copy_(0, flat_rows(self.slots, length), sums.to(x.dtype))
         return out
 

@@ -101,7 +101,8 @@ class EvictingSite:
             self.inv_freq = rotary.inv_freq
         self._projected: dict[int, tuple] = {}  # layer -> (q_proj input, output) of the prefill, until its attention hook
         for index, layer in enumerate(cutter.layers):
-            cutter.adapter.hook(layer.self_attn.q_proj, self._keep_projection(index), pre=False)
+            if isinstance(getattr(layer.self_attn, "q_proj", None), nn.Module):
+                cutter.adapter.hook(layer.self_attn.q_proj, self._keep_projection(index), pre=False)
             cutter.adapter.hook(layer.self_attn, self._after_attention(index), pre=False)
 
     def _keep_projection(self, index: int):
