@@ -90,7 +90,7 @@ def weighted_column_sums(queries: Tensor, keys: Tensor, scale: float, weights: T
     first = 0
     if weights is not None:
         weights = weights.float().cpu()
-        first = int(weights.ne(0).int().argmax()) if bool(weights.ne(0).any()) else count
+        first = next((q for q, w in enumerate(weights.tolist()) if w != 0), count)  # one host read
     for start in range(first, count, chunk):
         stop = min(start + chunk, count)
         seen = n - count + stop
