@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.methods.ems import EMS, EMSLayer
+from vtprune.methods.ems import EMS, EMSLayer, merge_all, route
 
 N, STEPS, HEADS, D = 30, 40, 4, 8
 
@@ -194,3 +194,68 @@ def test_options():
     layer = EMS().layer_state(cache_heads=2, budget=16)
     with pytest.raises(vtprune.VTPruneError, match="all 30 prompt tokens"):
         layer.prefill(torch.randn(4, 8, 8), torch.randn(2, 30, 8), 0.35, torch.ones(30, dtype=torch.bool))
+
+
+def loop_merges(keys, scores, centres, leavers, tau):
+    """The merges as a plain loop over heads, leavers and centres: {(head, centre slot): (sources, key weights,
+    value weights)}, sources = the centre, then its members ascending (I7, I8)."""
+    out = {}
+    for h in range(keys.shape[0]):
+        unit = [keys[h, j] / keys[h, j].norm() for j in range(keys.shape[1])]
+        members = {int(c): [] for c in centres[h]}
+        for i in leavers[h].tolist():
+            cosines = [float(unit[i] @ unit[int(c)]) for c in centres[h]]
+            best = max(range(len(cosines)), key=lambda x: cosines[x]) if cosines else None  # first of ties
+            if best is not None and cosines[best] >= tau:
+                members[int(centres[h, best])].append(i)
+        for c, group in members.items():
+            if not group:
+                continue
+            sources = [c] + group
+            w = scores[h, sources]
+            u = sum(wi * keys[h, j] / keys[h, j].norm() for wi, j in zip(w, sources))
+            key_weights = torch.stack([keys[h, c].norm() * wi / (keys[h, j].norm() * u.norm()) for wi, j in zip(w, sources)])
+            out[(h, c)] = (sources, key_weights, w / w.sum())
+    return out
+
+
+@pytest.mark.parametrize("tau, ties, centres_count", [
+    (0.3, False, 9), (0.3, True, 9), (-1.0, True, 9), (1.5, False, 9), (0.0, False, 1), (0.3, False, 0),
+])
+def test_vectorised_merges_equal_a_loop_over_heads_and_centres(tau, ties, centres_count):
+    """`route` + `merge_all` (every head at once) give the merges, weights and merged entries of a per-head loop,
+    on random keys: ties between centres (duplicate keys: the first centre wins), everything or nothing joining,
+    one centre, no centre."""
+    torch.manual_seed(11)
+    heads, length, dim = 3, 40, 6
+    keys, values = torch.randn(heads, length, dim) + 0.4, torch.randn(heads, length, 5)
+    scores = torch.rand(heads, length)
+    order = torch.stack([torch.randperm(length - 4) for _ in range(heads)])  # the last 4 slots stay (recent)
+    centres = order[:, :centres_count]  # score order, not slot order (as topk gives them)
+    leavers = torch.sort(order[:, centres_count:], dim=1).values
+    if ties and centres_count > 1:
+        for h in range(heads):  # a duplicate centre key, and a leaver equal to the first of the two
+            keys[h, centres[h, 1]] = keys[h, centres[h, 0]]
+            keys[h, leavers[h, 0]] = keys[h, centres[h, 0]] * 2.0
+            scores[h, leavers[h, 1]] = scores[h, leavers[h, 2]]
+    index, joined = route(keys, centres, leavers, tau)
+    combine = merge_all(keys, scores, centres, leavers, index, joined)
+    expected = loop_merges(keys, scores, centres, leavers, tau)
+    got = {(m.head, m.centre): m for m in combine.entries()}
+    assert got.keys() == expected.keys()
+    if tau <= -1.0 and centres_count:
+        assert bool(joined.all())
+    if tau > 1.0 or not centres_count:
+        assert not got and not bool(joined.any())
+    new_keys, new_values = combine.apply(keys, values)
+    changed = torch.zeros(heads, length, dtype=torch.bool)
+    for (h, c), (sources, key_weights, value_weights) in expected.items():
+        assert got[(h, c)].sources.tolist() == sources
+        torch.testing.assert_close(got[(h, c)].key_weights, key_weights, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got[(h, c)].value_weights, value_weights, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(new_keys[h, c], (key_weights[:, None] * keys[h, sources]).sum(0), atol=1e-5, rtol=0)
+        torch.testing.assert_close(new_values[h, c], (value_weights[:, None] * values[h, sources]).sum(0),
+                                   atol=1e-5, rtol=0)
+        changed[h, c] = True
+    changed |= torch.zeros_like(changed).scatter(1, leavers, True)  # leavers leave: their slots may hold anything
+    assert torch.equal(new_keys[~changed], keys[~changed]) and torch.equal(new_values[~changed], values[~changed])

@@ -124,7 +124,7 @@ def _merge_table(plan: KeepPlan, layout: VisualLayout) -> MergeTable | None:
             if merge.space != "sequence":
                 continue
             batch.append(b)
-            slot.append(int(positions[merge.slot]))
+            slot.append(merge.slot)  # an ordinal here, its position below (one lookup per sample)
             sources.append(positions[merge.sources.cpu()])
             weights.append(merge.weights.float().cpu())
             counts.append(merge.sources.numel())
@@ -132,7 +132,12 @@ def _merge_table(plan: KeepPlan, layout: VisualLayout) -> MergeTable | None:
         return None
     offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
     offsets[1:] = torch.tensor(counts).cumsum(0)
-    return MergeTable(torch.tensor(batch), torch.tensor(slot), offsets, torch.cat(sources), torch.cat(weights))
+    batch_t, ordinal = torch.tensor(batch), torch.tensor(slot)
+    position = torch.zeros_like(ordinal)
+    for b in range(len(plan.merges)):
+        mine = batch_t == b
+        position[mine] = layout.visual_positions(b)[ordinal[mine]]
+    return MergeTable(batch_t, position, offsets, torch.cat(sources), torch.cat(weights))
 
 
 def _reorder(plan: KeepPlan, layout: VisualLayout, new_position: list[Tensor], new_length: int) -> Tensor | None:

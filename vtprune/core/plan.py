@@ -68,7 +68,8 @@ class KeepPlan:
                 raise VTPruneError(f"plan's kept ordinals of sample {b} are not strictly ascending (sorted, unique)")
         for b, merges in enumerate(self.merges):
             kept, slots, n = set(self.keep[b].tolist()), set(), layout.num_visual(b)
-            for merge in merges:
+            sequence, which = [], []  # sequence-space sources (and their merges), range-checked at once below
+            for i, merge in enumerate(merges):
                 if merge.slot not in kept:
                     raise VTPruneError(f"merge slot {merge.slot} of sample {b} is not a kept token")
                 if merge.slot in slots:
@@ -84,8 +85,11 @@ class KeepPlan:
                                        f"(view={merge.view}): only a space='encoder' merge can, with a view >= 0")
                 if not sources.numel() and merge.space != "sequence":  # no sequence source: a zero token
                     raise VTPruneError(f"encoder merge into slot {merge.slot} of sample {b} has no source")
-                if sources.numel() and merge.space == "sequence" and (int(sources.min()) < 0 or int(sources.max()) >= n):
-                    raise VTPruneError(f"merge into slot {merge.slot} of sample {b} draws on ordinals outside 0..{n - 1}")
+                if merge.space == "sequence":
+                    sequence.append(sources.cpu()), which.append(i)
+            if sequence and (outside := _outside(sequence, n)) is not None:
+                slot = merges[which[outside]].slot
+                raise VTPruneError(f"merge into slot {slot} of sample {b} draws on ordinals outside 0..{n - 1}")
         for b, order in enumerate(self.order or []):
             kept = self.keep[b].cpu()
             if not torch.equal(torch.sort(order.cpu()).values, kept):
@@ -110,6 +114,16 @@ class KeepPlan:
             keep[visual[self.keep[b].cpu()]] = True
             out.append(keep.nonzero().squeeze(1))
         return out
+
+
+def _outside(sources: list[Tensor], n: int) -> int | None:
+    """The first of these source lists with an entry outside 0..n-1, or None (one read for all of them)."""
+    every = torch.cat(sources)
+    bad = (every < 0) | (every >= n)
+    if not bool(bad.any()):
+        return None
+    owner = torch.arange(len(sources)).repeat_interleave(torch.tensor([t.numel() for t in sources]))
+    return int(owner[bad][0])
 
 
 def top_k(scores: Tensor, k: int) -> Tensor:

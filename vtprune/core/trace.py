@@ -141,7 +141,7 @@ def site_records(ctx: SiteContext, plan: KeepPlan) -> list[SiteRecord]:
     layout, records = ctx.layout, []
     for b in range(layout.batch_size):
         original = layout.original_ordinal[b]
-        merged = [merge_record(ctx, b, m) for m in (plan.merges[b] if plan.merges else [])]
+        merged = merge_records(ctx, b, plan.merges[b] if plan.merges else [])
         records.append(
             SiteRecord(
                 site=ctx.site,
@@ -158,14 +158,47 @@ def site_records(ctx: SiteContext, plan: KeepPlan) -> list[SiteRecord]:
     return records
 
 
+def merge_records(ctx: SiteContext, sample: int, merges: list[Merge]) -> list[dict[str, Any]]:
+    """The merges of one sample in original ordinals (`merge_record` each), read back to the host at once."""
+    if not merges:
+        return []
+    original = ctx.layout.original_ordinal[sample].tolist()
+    parts = [_merge_sources(ctx, sample, m) for m in merges]  # (source ordinals, encoder tokens or None)
+    tokens = [m.sources.cpu() for m in merges]
+    weights = _split(torch.cat([m.weights.float().cpu() for m in merges]).tolist(), [m.weights.numel() for m in merges])
+    ordinals = _split(torch.cat([o for o, _ in parts]).tolist(), [o.numel() for o, _ in parts])
+    encoder = _split(torch.cat(tokens).tolist(), [t.numel() for t in tokens])
+    out = []
+    for merge, w, o, t in zip(merges, weights, ordinals, encoder):
+        record = {"slot": original[merge.slot], "weights": w, "space": merge.space, "sources": o}
+        if merge.space != "sequence":
+            record["encoder_tokens"] = t
+            if merge.view is not None:
+                record["view"] = merge.view
+        out.append(record)
+    return out
+
+
+def _split(values: list, sizes: list[int]) -> list[list]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(values[start : start + size])
+        start += size
+    return out
+
+
 def merge_record(ctx: SiteContext, sample: int, merge: Merge) -> dict[str, Any]:
     """A merge in original ordinals; encoder tokens map to the ordinal of their patch (-1 when none, e.g. [CLS])."""
+    return merge_records(ctx, sample, [merge])[0]
+
+
+def _merge_sources(ctx: SiteContext, sample: int, merge: Merge) -> tuple[Tensor, Tensor | None]:
+    """(original ordinals of a merge's sources [m], its encoder tokens [m] or None for a sequence merge)."""
     layout = ctx.layout
     original = layout.original_ordinal[sample]
     sources = merge.sources.cpu()
-    record = {"slot": int(original[merge.slot]), "weights": merge.weights.float().cpu().tolist(), "space": merge.space}
     if merge.space == "sequence":
-        return {**record, "sources": original[sources].tolist()}
+        return original[sources], None
     patch = sources - int(ctx.info.vision_has_cls)
     if merge.view is not None:  # the ordinal whose token is that patch of that encoder input (-1: none is)
         lookup = torch.full((max(int(patch.max()) if patch.numel() else 0, 0) + 1,), -1, dtype=torch.long)
@@ -174,11 +207,9 @@ def merge_record(ctx: SiteContext, sample: int, merge: Merge) -> dict[str, Any]:
             view_patch = span.view_patch if span.view_patch is not None else span.patch_index
             mine = (view == merge.view) & (span.patch_index >= 0) & (view_patch < lookup.numel())
             lookup[view_patch[mine]] = original[sl][mine]
-        ordinals = torch.where(patch >= 0, lookup[patch.clamp(min=0)], torch.full_like(patch, -1))
-        return {**record, "sources": ordinals.tolist(), "encoder_tokens": sources.tolist(), "view": merge.view}
+        return torch.where(patch >= 0, lookup[patch.clamp(min=0)], torch.full_like(patch, -1)), sources
     span, sl = next((span, sl) for span, sl in layout.ordinal_slices(sample) if sl.start <= merge.slot < sl.stop)
     ordinal_of_patch = torch.full((span.grid[0] * span.grid[1],), -1, dtype=torch.long)
     is_patch = span.patch_index >= 0
     ordinal_of_patch[span.patch_index[is_patch]] = original[sl][is_patch]
-    ordinals = torch.where(patch >= 0, ordinal_of_patch[patch.clamp(min=0)], torch.full_like(patch, -1))
-    return {**record, "sources": ordinals.tolist(), "encoder_tokens": sources.tolist()}
+    return torch.where(patch >= 0, ordinal_of_patch[patch.clamp(min=0)], torch.full_like(patch, -1)), sources

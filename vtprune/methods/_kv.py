@@ -28,7 +28,7 @@ tokens only, padding removed; "slots" index that sample's entries in cache order
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -56,8 +56,8 @@ def cache_budget(method: str, keep: int | float, evict: str, prompt_len: int, vi
 
 
 def repeat_heads(keys: Tensor, heads: int) -> Tensor:
-    """[H_c, L, d] -> [H, L, d] in `repeat_kv` order."""
-    return keys.repeat_interleave(heads // keys.shape[0], dim=0)
+    """[H_c, L, d] -> [H, L, d] in `repeat_kv` order (`keys` itself when H = H_c)."""
+    return keys if heads == keys.shape[0] else keys.repeat_interleave(heads // keys.shape[0], dim=0)
 
 
 def decode_attention(query: Tensor, keys: Tensor, scale: float) -> Tensor:
@@ -67,25 +67,38 @@ def decode_attention(query: Tensor, keys: Tensor, scale: float) -> Tensor:
 
 
 def prompt_attention(queries: Tensor, keys: Tensor, scale: float) -> Tensor:
-    """[H, Q, n] float32 causal softmax of the last Q prompt rows (queries [H, Q, d]) over the keys [H_c, n, d]."""
-    heads, count, _ = queries.shape
-    n = keys.shape[1]
-    logits = torch.einsum("hqd,hkd->hqk", queries.float(), repeat_heads(keys, heads).float()) * scale
-    rows = torch.arange(n - count, n)
-    future = torch.arange(n)[None, :] > rows[:, None]
-    return torch.softmax(logits.masked_fill(future.to(logits.device), float("-inf")), dim=-1)
+    """[H, Q, n] float32 causal softmax of the last Q prompt rows (queries [H, Q, d]) over the keys [H_c, n, d].
+    The query heads of a group share one product with their cache head (no repeated keys); every row is computed
+    exactly as it would be alone (so any subset of rows gives the same values)."""
+    heads, count, dim = queries.shape
+    cache_heads, n = keys.shape[:2]
+    grouped = queries.float().reshape(cache_heads, heads // cache_heads * count, dim)  # [H_c, G·Q, d]
+    logits = torch.bmm(grouped, keys.float().transpose(1, 2)).mul_(scale).view(heads, count, n)
+    future = torch.ones(count, count, dtype=torch.bool, device=keys.device).triu_(1)  # only the last Q keys can be
+    logits[:, :, n - count :].masked_fill_(future, float("-inf"))  # in a row's future
+    return torch.softmax(logits, dim=-1)
 
 
-def weighted_column_sums(queries: Tensor, keys: Tensor, scale: float, weights: Tensor, chunk: int = 256) -> Tensor:
-    """[H, n] Σ_q weights[q] · P[h, q, :] over the last Q prompt rows (queries [H, Q, d], weights [Q]), in row
-    chunks so memory stays O(chunk · n); P is the causal float32 softmax of `prompt_attention`."""
+def weighted_column_sums(queries: Tensor, keys: Tensor, scale: float, weights: Tensor | None = None,
+                         chunk: int = 128) -> Tensor:
+    """[H, n] Σ_q weights[q] · P[h, q, :] over the last Q prompt rows (queries [H, Q, d], weights [Q] on the host;
+    None: all 1), in row chunks so memory stays O(chunk · n) and each chunk reads only the keys its rows see; P is
+    the causal float32 softmax of `prompt_attention`. Leading rows of weight 0 add exactly 0 and are skipped."""
     heads, count, _ = queries.shape
     n = keys.shape[1]
     total = torch.zeros(heads, n, dtype=torch.float32, device=keys.device)
-    for start in range(0, count, chunk):
+    first = 0
+    if weights is not None:
+        weights = weights.float().cpu()
+        first = next((q for q, w in enumerate(weights.tolist()) if w != 0), count)  # one host read
+    for start in range(first, count, chunk):
         stop = min(start + chunk, count)
-        probs = prompt_attention(queries[:, start:stop], keys[:, : n - count + stop], scale)
-        total[:, : n - count + stop] += torch.einsum("hqk,q->hk", probs, weights[start:stop].float().to(probs.device))
+        seen = n - count + stop
+        probs = prompt_attention(queries[:, start:stop], keys[:, :seen], scale)
+        if weights is None:
+            total[:, :seen] += probs.sum(dim=1)
+        else:
+            total[:, :seen] += torch.einsum("hqk,q->hk", probs, weights[start:stop].to(probs.device))
     return total
 
 
@@ -98,11 +111,18 @@ def reduce_heads(values: Tensor, cache_heads: int, how: str = "mean") -> Tensor:
     return grouped.mean(dim=1) if how == "mean" else grouped.amax(dim=1)
 
 
+def flat_rows(index: Tensor, length: int) -> Tensor:
+    """Per-head slots [H_c, k] -> [H_c · k] rows of the heads' entries flattened to [H_c · length, ...]."""
+    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * length).reshape(-1)
+
+
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """x [H_c, L, ...] at per-head slot indices [H_c, k] -> [H_c, k, ...]."""
+    """x [H_c, L, ...] at per-head slot indices [H_c, k] -> [H_c, k, ...] (whole rows copied: `index_select`)."""
     if x.dim() == 2:
         return x.gather(1, index)
-    return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(*index.shape, *x.shape[2:]))
+    heads, length = x.shape[:2]
+    rows = x.reshape(heads * length, *x.shape[2:]).index_select(0, flat_rows(index, length))
+    return rows.view(*index.shape, *x.shape[2:])
 
 
 def complement(length: int, evict: Tensor) -> Tensor:
@@ -155,12 +175,71 @@ def check_budget(method: str, budget: int, protected: int, what: str) -> None:
 
 
 @dataclass
+class EntryMerge:
+    """Leavers merged into a centre of one head. Slots index the cache as it stood when the policy was called."""
+
+    head: int
+    centre: int
+    sources: Tensor  # [k] slots combined, the centre first
+    key_weights: Tensor  # [k] new K_centre = Σ key_weights · K[sources]
+    value_weights: Tensor  # [k] new V_centre = Σ value_weights · V[sources]
+
+
+@dataclass
+class CacheMerge:
+    """Weighted sums written into cache slots, every head at once and without reading anything back to the host:
+    slot `slots[h, j]` of head h becomes Σ weight[h, e] · entry[h, source[h, e]] over the contributions e with
+    column[h, e] = j (float32 sums, cast back); every other slot is unchanged. A slot kept as it is contributes itself
+    with weight 1 (exact); a contribution of weight 0 adds nothing (0 · a finite entry). `merged` marks the
+    contributions of real merges (several entries into one slot): what `entries` lists."""
+
+    slots: Tensor  # [H_c, K] slots written, distinct per head
+    source: Tensor  # [H_c, E] slots read
+    column: Tensor  # [H_c, E] the column of `slots` each contribution adds into
+    key_weights: Tensor  # [H_c, E] float32
+    value_weights: Tensor  # [H_c, E] float32
+    merged: Tensor  # [H_c, E] bool
+
+    def apply(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """keys [H_c, L, d_k], values [H_c, L, d_v] -> the same with `slots` written."""
+        return self._write(keys, self.key_weights), self._write(values, self.value_weights)
+
+    def _write(self, x: Tensor, weights: Tensor) -> Tensor:
+        heads, length, dim = x.shape
+        rows = gather_rows(x, self.source).float() * weights[..., None]  # [H_c, E, d]
+        sums = torch.zeros(heads * self.slots.shape[1], dim, dtype=torch.float32, device=x.device)
+        sums.index_add_(0, flat_rows(self.column, self.slots.shape[1]), rows.view(-1, dim))  # [H_c · K, d]
+        out = x.clone(memory_format=torch.contiguous_format)
+        out.view(heads * length, dim).index_copy_(0, flat_rows(self.slots, length), sums.to(x.dtype))
+        return out
+
+    def entries(self) -> list[EntryMerge]:
+        """The merges one by one (head, centre slot, sources in contribution order, weights): for tests and reading;
+        this reads the tensors back to the host."""
+        out = []
+        for h in range(self.source.shape[0]):
+            merged = self.merged[h].cpu()
+            source, column = self.source[h].cpu()[merged], self.column[h].cpu()[merged]
+            key_weights, value_weights = self.key_weights[h].cpu()[merged], self.value_weights[h].cpu()[merged]
+            for j in dict.fromkeys(column.tolist()):  # in order of first contribution
+                mine = column == j
+                out.append(EntryMerge(h, int(self.slots[h, j]), source[mine], key_weights[mine], value_weights[mine]))
+        return out
+
+
+@dataclass
 class KVUpdate:
-    """What the cache site does to one (sample, layer) cache after a policy call: write `merges` (EMS), then keep
-    `kept` [H_c, C] slots (ascending per head; slots index the cache as it stood when the policy was called)."""
+    """What the cache site does to one (sample, layer) cache after a policy call: write `combine` (EMS's merges),
+    then keep `kept` [H_c, C] slots (ascending per head; slots index the cache as it stood when the policy was
+    called)."""
 
     kept: Tensor
-    merges: list = field(default_factory=list)
+    combine: CacheMerge | None = None
+
+    @property
+    def merges(self) -> list[EntryMerge]:
+        """`combine` one merge at a time (reads back to the host; the site applies `combine` as a whole)."""
+        return self.combine.entries() if self.combine is not None else []
 
 
 class KVPolicyMethod(Method):

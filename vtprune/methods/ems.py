@@ -20,7 +20,7 @@ visual entries (leavers can only merge into visual centres); decoding then compr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -29,13 +29,16 @@ from torch import Tensor
 from ..core import VTPruneError, register
 from ._kv import (
     EVICT,
+    CacheMerge,
     Entries,
+    EntryMerge,
     KVPolicyMethod,
     KVUpdate,
     cache_budget,
     check_budget,
     check_choice,
     complement,
+    flat_rows,
     gather_rows,
     prompt_entries,
     reduce_heads,
@@ -45,22 +48,16 @@ from ._kv import (
 
 
 @dataclass
-class EntryMerge:
-    """Leavers merged into a centre of one head. Slots index the cache as it stood when the policy was called."""
-
-    head: int
-    centre: int
-    sources: Tensor  # [k] slots combined, the centre first
-    key_weights: Tensor  # [k] new K_centre = Σ key_weights · K[sources]
-    value_weights: Tensor  # [k] new V_centre = Σ value_weights · V[sources]
-
-
-@dataclass
 class EMSUpdate:
-    """What the site does to one (sample, layer) cache: write the merges, then remove `evict`."""
+    """What the site does to one (sample, layer) cache: write the merges (`combine`), then remove `evict`."""
 
     evict: Tensor  # [H_c, m] slots that leave (discarded or merged), ascending per head
-    merges: list[EntryMerge] = field(default_factory=list)
+    combine: CacheMerge | None = None  # every centre's new K and V (a centre without members keeps its own)
+
+    @property
+    def merges(self) -> list[EntryMerge]:
+        """The merges one centre at a time (reads back to the host; the site applies `combine` as a whole)."""
+        return self.combine.entries() if self.combine is not None else []
 
 
 def local_scores(window: Tensor, window_positions: Tensor, keys: Tensor, positions: Tensor, scale: float) -> Tensor:
@@ -79,13 +76,60 @@ def global_local(accumulated: Tensor, counts: Tensor, local: Tensor) -> Tensor:
     return g / g.sum(dim=1, keepdim=True) + local / local.sum(dim=1, keepdim=True)
 
 
-def merge_weights(keys: Tensor, sources: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-    """(key weights, value weights) [k] merging keys[sources] ([L, d] keys of one head; the centre first) with weights
-    `scores` [k]: V = Σ w V / Σ w; K = ‖K_centre‖ · u / ‖u‖ with u = Σ w K / ‖K‖ (as weights on the raw keys)."""
-    chosen = keys[sources].float()
-    norms = chosen.norm(dim=-1)
-    u = (scores[:, None] * chosen / norms[:, None]).sum(dim=0)
-    return norms[0] * scores / (norms * u.norm()), scores / scores.sum()
+def route(keys: Tensor, centres: Tensor, leavers: Tensor, tau: float, chunk: int = 1 << 24) -> tuple[Tensor, Tensor]:
+    """(centre column [H_c, m], joins [H_c, m] bool) of every leaver: the centre (a column of `centres` [H_c, K]) whose
+    key is most cosine-similar to the leaver's (keys [H_c, L, d], leavers [H_c, m] slots), joined when that cosine is
+    at least `tau` (else the zero class: discarded). Leavers are routed in chunks of about `chunk` similarities."""
+    heads, count = leavers.shape
+    if not centres.shape[1] or not count:  # no centre to join (or no leaver)
+        zeros = torch.zeros(heads, count, dtype=torch.long, device=keys.device)
+        return zeros, zeros.bool()
+    unit = keys.float() / keys.float().norm(dim=-1, keepdim=True)
+    centre_units = gather_rows(unit, centres).transpose(1, 2)  # [H_c, d, K]
+    step = max(1, chunk // (heads * centres.shape[1]))
+    best, index = [], []
+    for start in range(0, count, step):
+        b, i = torch.bmm(gather_rows(unit, leavers[:, start : start + step]), centre_units).max(dim=2)
+        best.append(b), index.append(i)
+    return torch.cat(index, dim=1), torch.cat(best, dim=1) >= tau
+
+
+def merge_all(keys: Tensor, scores: Tensor, centres: Tensor, leavers: Tensor, index: Tensor, joined: Tensor
+              ) -> CacheMerge:
+    """The merges of every centre of every head at once (I8), as weights on the raw keys and values: the centres
+    [H_c, K] and the leavers [H_c, m] (slots of keys [H_c, L, d] scored `scores` [H_c, L]) that join centre column
+    `index` where `joined`. With w = s over {c} ∪ M: V = Σ w V / Σ w; K = ‖K_c‖ · u / ‖u‖, u = Σ w K / ‖K‖. A centre
+    without members keeps its entry (weight 1 on itself); a discarded leaver adds weight 0 to its nearest centre."""
+    if not centres.shape[1]:  # nothing to merge into: leavers are discarded
+        none = centres.new_zeros(centres.shape)
+        return CacheMerge(centres, none, none, none.float(), none.float(), none.bool())
+    raw = keys.float()
+    norms = raw.norm(dim=-1)  # [H_c, L]
+    centre_scores, leaver_scores = scores.gather(1, centres), scores.gather(1, leavers)
+    member_scores = leaver_scores.masked_fill(~joined, 0.0)
+    total = centre_scores.scatter_add(1, index, member_scores)  # Σ w over {c} ∪ M
+    members = torch.zeros_like(centre_scores).scatter_add_(1, index, joined.float())  # [H_c, K]
+    directions = scores[..., None] * raw / norms[..., None]  # w K / ‖K‖ [H_c, L, d]
+    heads, count, dim = *centres.shape, raw.shape[-1]
+    u = gather_rows(directions, centres).view(heads * count, dim).index_add_(
+        0, flat_rows(index, count), (gather_rows(directions, leavers) * joined[..., None]).view(-1, dim)
+    ).view(heads, count, dim)
+    u_norm = u.norm(dim=-1)
+    centre_norms = norms.gather(1, centres)
+    has = members > 0
+    centre_key = torch.where(has, centre_norms * centre_scores / (centre_norms * u_norm), 1.0)
+    centre_value = torch.where(has, centre_scores / total, 1.0)
+    leaver_key = (centre_norms.gather(1, index) * leaver_scores / (norms.gather(1, leavers) * u_norm.gather(1, index)))
+    leaver_value = leaver_scores / total.gather(1, index)
+    columns = torch.arange(centres.shape[1], device=centres.device).expand_as(centres)
+    return CacheMerge(
+        slots=centres,
+        source=torch.cat([centres, leavers], dim=1),
+        column=torch.cat([columns, index], dim=1),
+        key_weights=torch.cat([centre_key, leaver_key.masked_fill(~joined, 0.0)], dim=1),
+        value_weights=torch.cat([centre_value, leaver_value.masked_fill(~joined, 0.0)], dim=1),
+        merged=torch.cat([has, joined], dim=1),
+    )
 
 
 class EMSLayer:
@@ -111,7 +155,7 @@ class EMSLayer:
         n = keys.shape[1]
         if queries.shape[1] != n:
             raise VTPruneError(f"ems prefill needs the queries of all {n} prompt tokens (its global score sums them)")
-        sums = weighted_column_sums(queries, keys, scale, torch.ones(n))  # [H, n]
+        sums = weighted_column_sums(queries, keys, scale)  # [H, n]
         self.accumulated = reduce_heads(sums, self.cache_heads)
         self.counts = (n - torch.arange(n, device=keys.device, dtype=torch.float32)).expand(self.cache_heads, n).clone()
         count = min(self.window, n)
@@ -150,35 +194,19 @@ class EMSLayer:
         is_centre = torch.zeros_like(candidate).scatter(1, top, True)
         leaving = candidate & ~is_centre
         evict = leaving.nonzero()[:, 1].view(heads, -1)
-        merges = []
-        for h in range(heads):
-            merges += self._merge_head(h, keys[h], scores[h], top[h], evict[h])
+        index, joined = route(keys, top, evict, self.tau)
+        combine = merge_all(keys, scores, top, evict, index, joined)
+        # I10: A_c += C_c · Σ_M A / C (a centre without members adds 0)
+        gain = torch.zeros_like(top, dtype=torch.float32).scatter_add_(
+            1, index, (gather_rows(self.accumulated, evict) / gather_rows(self.counts, evict)).masked_fill(~joined, 0.0)
+        )
+        centre_counts = gather_rows(self.counts, top)
+        self.accumulated = self.accumulated.scatter(1, top, gather_rows(self.accumulated, top) + centre_counts * gain)
         kept = complement(length, evict)
         entries.keep(kept)
         self.accumulated = gather_rows(self.accumulated, kept)
         self.counts = gather_rows(self.counts, kept)
-        return EMSUpdate(evict=evict, merges=merges)
-
-    def _merge_head(
-        self, head: int, keys: Tensor, scores: Tensor, centres: Tensor, leavers: Tensor
-    ) -> list[EntryMerge]:
-        """Route each leaver of one head to its most similar centre (or the zero class) and merge the members."""
-        if not leavers.numel():
-            return []
-        unit = keys.float() / keys.float().norm(dim=-1, keepdim=True)
-        similarity = unit[leavers] @ unit[centres].T  # [m, centres]
-        best, index = similarity.max(dim=1)
-        merges = []
-        joined = best >= self.tau
-        for c in index[joined].unique().tolist():
-            centre = int(centres[c])
-            members = leavers[joined & (index == c)]
-            sources = torch.cat([centres[c : c + 1], members])
-            key_weights, value_weights = merge_weights(keys, sources, scores[sources])
-            merges.append(EntryMerge(head, centre, sources, key_weights, value_weights))
-            gain = (self.accumulated[head, members] / self.counts[head, members]).sum()
-            self.accumulated[head, centre] += self.counts[head, centre] * gain
-        return merges
+        return EMSUpdate(evict=evict, combine=combine)
 
 
 @register
@@ -212,8 +240,8 @@ class EMS(KVPolicyMethod):
 
     def prefill_update(self, state: EMSLayer, queries: Tensor, keys: Tensor, scale: float, eligible: Tensor) -> KVUpdate:
         kept, update = state.prefill(queries, keys, scale, eligible)
-        return KVUpdate(kept, update.merges)
+        return KVUpdate(kept, update.combine)
 
     def step_update(self, state: EMSLayer, query: Tensor, keys: Tensor, scale: float) -> KVUpdate:
         update = state.step(query, keys, scale)
-        return KVUpdate(complement(keys.shape[1], update.evict), update.merges)
+        return KVUpdate(complement(keys.shape[1], update.evict), update.combine)

@@ -69,10 +69,14 @@ class SpatialPool(EncoderCut, Method):
                 ordinal_of_patch[patch[is_patch]] = torch.arange(sl.start, sl.stop)[is_patch]
                 kept.append(torch.arange(sl.start, sl.stop)[~is_patch])  # non-patch tokens stay
                 h, w = pool_shape(rows, cols, keep_count(self.keep, rows * cols, what=f"image {span.image}"))
-                for cell in pool_cells(rows, cols, h, w):
-                    sources = ordinal_of_patch[cell]
-                    slot = int(sources.min())
-                    kept.append(torch.tensor([slot]))
+                cells = pool_cells(rows, cols, h, w)
+                sizes = [cell.numel() for cell in cells]
+                members = ordinal_of_patch[torch.cat(cells)]  # every cell's ordinals, cell after cell
+                cell_of = torch.arange(len(cells)).repeat_interleave(torch.tensor(sizes))
+                slots = members.new_zeros(len(cells)).scatter_reduce(0, cell_of, members, "amin", include_self=False)
+                slots = slots.tolist()  # each cell's lowest ordinal, read once
+                kept.append(torch.tensor(slots, dtype=torch.long))
+                for slot, sources in zip(slots, members.split(sizes)):
                     if sources.numel() > 1:
                         weights = torch.full((sources.numel(),), 1.0 / sources.numel())
                         sample_merges.append(Merge(slot=slot, sources=sources, weights=weights))

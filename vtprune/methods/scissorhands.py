@@ -33,6 +33,7 @@ from ._kv import (
     cache_budget,
     check_choice,
     complement,
+    gather_rows,
     prompt_attention,
     prompt_entries,
     reduce_heads,
@@ -101,7 +102,7 @@ class ScissorhandsLayer:
         visible = torch.arange(n, device=rows.device)[None, :] < attended[:, None]  # [Q, n]
         low = unimportant(rows, attended, self.cache_heads, self.gqa_reduce) & visible  # [H_c, Q, n]
         self.low = torch.zeros(self.cache_heads, n, self.window, dtype=torch.bool, device=rows.device)
-        self.low[:, :, torch.arange(count, device=rows.device) % self.window] = low.transpose(1, 2)
+        self.low[:, :, :count] = low.transpose(1, 2)  # count <= w: steps 0..count-1 take columns 0..count-1
         self.steps = count
         self.entries = prompt_entries(eligible.to(rows.device), self.cache_heads)
         eligible_count = int(eligible.sum())
@@ -131,7 +132,7 @@ class ScissorhandsLayer:
         evict = most_unimportant(self.counts(), candidate, count)
         kept = complement(entries.length, evict)
         entries.keep(kept)
-        self.low = self.low.gather(1, kept[..., None].expand(-1, -1, self.window))
+        self.low = gather_rows(self.low, kept)
         return evict
 
 

@@ -422,15 +422,19 @@ class DecoderCutter:
         layout = ctx.layout
         batch, slot, rows, weights, segment = [], [], [], [], []
         for b, merges in enumerate(merges_per_sample):
-            positions = layout.visual_positions(b)
+            if not merges:
+                continue
+            positions = layout.visual_positions(b).tolist()  # host lists: one read per sample, not per merge
             image_of = torch.cat([torch.full((sl.stop - sl.start,), span.image) for span, sl in layout.ordinal_slices(b)])
+            image_of = image_of.tolist()
+            every = torch.cat([merge.sources.cpu() for merge in merges])
+            if every.numel() and bool(((every < 0) | (every >= features.shape[1])).any()):
+                raise VTPruneError(f"encoder merge sources must lie in 0..{features.shape[1] - 1}")
             for merge in merges:
                 tokens = merge.sources.cpu()
-                if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= features.shape[1]):
-                    raise VTPruneError(f"encoder merge sources must lie in 0..{features.shape[1] - 1}")
                 batch.append(b)
-                slot.append(int(positions[merge.slot]))
-                view = int(image_of[merge.slot]) if merge.view is None else merge.view
+                slot.append(positions[merge.slot])
+                view = image_of[merge.slot] if merge.view is None else merge.view
                 if view >= features.shape[0]:
                     raise VTPruneError(f"encoder merge names encoder input {view}; the encoder saw {features.shape[0]}")
                 rows.append(view * features.shape[1] + tokens)

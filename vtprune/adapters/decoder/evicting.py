@@ -3,10 +3,11 @@
 Methods with `evicts_while_decoding` (StreamingLLM, Scissorhands, A2SF, EMS: `methods/_kv.py: KVPolicyMethod`) keep,
 per sample, decoder layer and cache head, at most `budget` eligible entries. A forward hook on each layer's attention
 module runs after the attention (which saw every entry of the cache, the new token's included) at the prefill and at
-every decode step. It recomputes the query rows the policy needs from the layer's own q projection and RoPE (no eager
-attention: the model keeps running with SDPA / FlashAttention), hands the policy each sample's real entries
-(post-RoPE keys, padding removed), writes the policy's merges (EMS) and keeps the slots it keeps. The layer's cache is
-then an `EvictingLayer` (under a StaticCache an `EvictingStaticLayer`, the entries at its first slots): each sample's
+every decode step. It computes the query rows the policy needs from the layer's own q projection (at the prefill
+the output the model's q_proj just produced, kept by a hook on it; else recomputed) and RoPE (no eager attention: the
+model keeps running with SDPA / FlashAttention), hands the policy each sample's real entries (post-RoPE keys, padding
+removed), writes the policy's merges (EMS: a `CacheMerge`, every head at once) and keeps the slots it keeps. The
+layer's cache is then an `EvictingLayer` (under a StaticCache an `EvictingStaticLayer`, the entries at its first slots): each sample's
 entries right-aligned, left-padded to the longest sample; its own `Segment`
 carries that padding mask (`mask2d`) and the tokens seen (`prompt_length`), so the cutter gives the next call a mask as
 long as the layer's physical cache, and `get_seq_length()` stays the logical length generate() slices inputs by.
@@ -31,7 +32,7 @@ from ...core.errors import VTPruneError
 from ...core.profile import stage
 from ..common import cache_argument
 from .cache import PrunedLayer, PrunedStaticLayer, Segment, SegmentLayer
-from .qk import project, rotate
+from .qk import heads_of, project, rotate
 
 if TYPE_CHECKING:
     from .cutter import DecoderCutter
@@ -98,19 +99,34 @@ class EvictingSite:
                     "model uses another position scheme (M-RoPE or scaled RoPE): use key_positions='original'"
                 )
             self.inv_freq = rotary.inv_freq
+        self._projected: dict[int, tuple] = {}  # layer -> (q_proj input, output) of the prefill, until its attention hook
         for index, layer in enumerate(cutter.layers):
+            if isinstance(getattr(layer.self_attn, "q_proj", None), nn.Module):
+                cutter.adapter.hook(layer.self_attn.q_proj, self._keep_projection(index), pre=False)
             cutter.adapter.hook(layer.self_attn, self._after_attention(index), pre=False)
+
+    def _keep_projection(self, index: int):
+        """The prefill's queries are the layer's own q_proj output (no second projection of the prompt); the attention
+        hook takes it only if q_proj saw the attention's own input."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if self.cutter.prefill is not None and args and isinstance(output, Tensor):
+                self._projected[index] = (args[0], output.detach())
+
+        return hook
 
     def _after_attention(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            seen, projected = self._projected.pop(index, (None, None))
             cache = cache_argument(kwargs)
             if cache is None:
                 return
             hidden = args[0] if args else kwargs["hidden_states"]
+            projected = projected if seen is hidden else None
             rope = kwargs["position_embeddings"]
             with torch.no_grad(), stage("cache"):  # scoring included: eviction is the policy's whole work
                 if self.cutter.prefill is not None:
-                    self._prefill(index, module, hidden, rope, cache)
+                    self._prefill(index, module, hidden, rope, cache, projected)
                 elif self.cutter.continuation is not None and isinstance(cache.layers[index], Evicting):
                     self._step(index, module, hidden, rope, cache)
             return
@@ -118,7 +134,9 @@ class EvictingSite:
         return hook
 
     # ------------------------------------------------------------------------------------------------ prefill
-    def _prefill(self, index: int, attn: nn.Module, hidden: Tensor, rope: tuple, cache: Any) -> None:
+    def _prefill(
+        self, index: int, attn: nn.Module, hidden: Tensor, rope: tuple, cache: Any, projected: Tensor | None
+    ) -> None:
         state = self.cutter.prefill
         segment = state.segment_at(index)
         mask = segment.mask2d.bool()
@@ -156,12 +174,14 @@ class EvictingSite:
                 continue
             policy = self.method.layer_state(keys.shape[0], budget)
             rows = real[n - self.method.prompt_rows(n) :]
-            queries = rotate(
-                attn, project(attn, attn.q_proj, hidden[b : b + 1, rows], "q_norm"), cos[b : b + 1, rows], sin[b : b + 1, rows]
-            )[0]  # [H, Q, d]
+            if projected is not None:  # the rows of the model's own q_proj
+                heads = heads_of(attn, projected[b : b + 1, rows], "q_norm")
+            else:
+                heads = project(attn, attn.q_proj, hidden[b : b + 1, rows], "q_norm")
+            queries = rotate(attn, heads, cos[b : b + 1, rows], sin[b : b + 1, rows])[0]  # [H, Q, d]
             eligible = visual[real] if self.method.evict == "visual" else torch.ones(n, dtype=torch.bool)
             update = self.method.prefill_update(policy, queries, keys, attn.scaling, eligible.to(keys.device))
-            merged = merged or bool(update.merges)
+            merged = merged or update.combine is not None
             keys, values = self._apply(update, keys, values)
             states.append(policy)
             kept_keys.append(keys), kept_values.append(values), evicted.append(n - keys.shape[1])
@@ -198,7 +218,7 @@ class EvictingSite:
             if policy is not None:
                 length = keys.shape[1]
                 update = self.method.step_update(policy, query[b], keys, attn.scaling)
-                merged = merged or bool(update.merges)
+                merged = merged or update.combine is not None
                 keys, values = self._apply(update, keys, values)
                 evicted.append(length - keys.shape[1])
             else:
@@ -215,16 +235,13 @@ class EvictingSite:
     # ------------------------------------------------------------------------------------------------ shared
     def _apply(self, update: Any, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """One sample's keys/values [H_c, L, d] after the policy's merges and kept slots [H_c, C]."""
-        if update.merges:
-            keys, values = keys.clone(), values.clone()
-            for merge in update.merges:
-                sources = merge.sources.to(keys.device)
-                k = (merge.key_weights.to(keys.device)[:, None] * keys[merge.head, sources].float()).sum(0)
-                v = (merge.value_weights.to(keys.device)[:, None] * values[merge.head, sources].float()).sum(0)
-                keys[merge.head, merge.centre], values[merge.head, merge.centre] = k.to(keys.dtype), v.to(values.dtype)
+        if update.combine is not None:
+            keys, values = update.combine.apply(keys, values)
         kept = update.kept.to(keys.device)
-        index = kept[..., None].expand(-1, -1, keys.shape[-1])
-        new_keys, new_values = keys.gather(1, index), values.gather(1, index)
+        heads, length = keys.shape[:2]
+        rows = (kept + torch.arange(heads, device=kept.device)[:, None] * length).reshape(-1)  # whole rows per head
+        new_keys = keys.reshape(heads * length, -1).index_select(0, rows).view(heads, kept.shape[1], -1)
+        new_values = values.reshape(heads * length, -1).index_select(0, rows).view(heads, kept.shape[1], -1)
         if self.cache_positions and kept.shape[1] < keys.shape[1]:  # survivors move to their slot
             shift = torch.arange(kept.shape[1], device=kept.device) - kept
             new_keys = self.method.shift_keys(new_keys, shift, self.inv_freq)

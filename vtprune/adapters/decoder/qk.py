@@ -16,8 +16,12 @@ QUERY_KINDS = ("last", "after_visual", "text")
 
 def project(attn: nn.Module, proj: nn.Module, x: Tensor, norm_name: str) -> Tensor:
     """x [B, n, D] through `proj` (q_proj or k_proj) and the layer's q/k norm if it has one -> [B, heads, n, d]."""
-    states = proj(x)
-    states = states.view(x.shape[0], x.shape[1], states.shape[-1] // attn.head_dim, attn.head_dim)
+    return heads_of(attn, proj(x), norm_name)
+
+
+def heads_of(attn: nn.Module, states: Tensor, norm_name: str) -> Tensor:
+    """A q_proj or k_proj output [B, n, heads · d] through the layer's q/k norm if it has one -> [B, heads, n, d]."""
+    states = states.reshape(states.shape[0], states.shape[1], states.shape[-1] // attn.head_dim, attn.head_dim)
     norm = getattr(attn, norm_name, None)
     if norm is not None:
         states = norm(states)
@@ -27,7 +31,7 @@ def project(attn: nn.Module, proj: nn.Module, x: Tensor, norm_name: str) -> Tens
 def rotate(attn: nn.Module, states: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Apply the language model's own RoPE (its modeling module's `apply_rotary_pos_emb`) to q or k [B, H, n, d]."""
     modeling = sys.modules[type(attn).__module__]
-    rotated, _ = modeling.apply_rotary_pos_emb(states, states, cos, sin)
+    rotated, _ = modeling.apply_rotary_pos_emb(states, states[:, :1], cos, sin)  # the key slot: one head, not rotated twice
     return rotated
 
 
