@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import vtprune
-from tests.helpers import GRID, IMAGE_TOKEN, build_tiny_clip, capture_llm_input, clip_images, hooks_of
+from tests.helpers import GRID, IMAGE_TOKEN, build_tiny_clip, build_tiny_llava, capture_llm_input, clip_images, hooks_of
 from tests.methods.pre_llm_reference import (
     compacted_sequences, dense_equals_keep_all, generate_compacted, generate_with, image_embeddings,
 )
@@ -292,3 +292,21 @@ def test_sizes_are_refused_outside_the_encoder(tiny_llava, batch):
     with pytest.raises(vtprune.VTPruneError, match="proportional attention.*only the vision-encoder site"):
         with torch.no_grad(), Sized()(tiny_llava):
             tiny_llava(**batch)
+
+
+def test_cls_in_the_llava_layout_stays_unmerged():
+    """vision_feature_select_strategy="full": [CLS] is a visual token of the layout, kept outside the budget."""
+    from tests.helpers import BOS
+
+    model = build_tiny_llava(seed=0)
+    model.config.vision_feature_select_strategy = "full"
+    ids = torch.tensor([[BOS, 5] + [IMAGE_TOKEN] * (1 + PATCHES) + [7, 8]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": clip_images(count=1)}
+    with torch.no_grad():
+        dense = model(**batch).logits
+        with vtprune.make("tome", keep=1.0)(model):
+            torch.testing.assert_close(model(**batch).logits, dense, atol=0, rtol=0)
+        with vtprune.make("tome", keep=PATCHES // 2)(model) as trace:
+            model(**batch)
+    # half the patches: every A token (odd patch, even encoder token) merges into a B token (even patch)
+    assert trace.summary()[0]["kept_indices"] == [0] + [1 + p for p in range(0, PATCHES, 2)]

@@ -210,8 +210,10 @@ class OpenClipAdapter(Adapter):
             x = kwarg(args, kwargs, "query", 0)
             x = x if module.batch_first else x.transpose(0, 1)  # [N, T, D]
             if self.state is None and not wanted:  # after the last cut (or outside the tower): only the sizes
-                sizes = self.tail_sizes if self.tail_sizes is not None and self.tail_sizes.shape[1] == x.shape[1] else None
-                return None if sizes is None else self._with_sizes(index, args, kwargs, sizes, module, x)
+                sizes = self.tail_sizes
+                if sizes is None or sizes.shape[1] != x.shape[1]:
+                    return None
+                return self._with_sizes(index, args, kwargs, sizes, module, x)
             state = self._current(f"block {index}")
             self._check_length(x, state, f"block {index}")
             if wanted:
@@ -298,7 +300,6 @@ class OpenClipAdapter(Adapter):
         if plan.sizes is not None:  # [CLS] stands for itself; the plan's sizes follow the new sequence order
             sizes = torch.stack([torch.cat([torch.ones(1), s.float().cpu()]) for s in plan.sizes])
             state.sizes = sizes if bool((sizes != 1).any()) else None  # all ones: plain attention, exactly dense
-        state.keys = {}
         state.layout = cut.layout
         state.patch_index = torch.stack([spans[0].patch_index for spans in state.layout.spans])
         return x

@@ -57,7 +57,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, class_token: bool = False) -
     return order, 2 * merged, 2 * node_idx[merged] + 1
 
 
-def merge_step(sizes: Tensor, order: Tensor, src: Tensor, dst: Tensor) -> tuple[list[tuple[int, Tensor, Tensor]], Tensor]:
+def merge_step(sizes: Tensor, order: Tensor, src: Tensor, dst: Tensor
+               ) -> tuple[list[tuple[int, Tensor, Tensor]], Tensor]:
     """The weighted averages of one step: ([(dst, members, weights)] per B token that receives merges, new sizes).
 
     sizes: [T] tokens each token stands for; members: dst first, then its sources ascending; weights: size / total.
@@ -145,11 +146,12 @@ class ToMe(Method):
         keys = ctx.signals[VisionKeys(layer=ctx.layer)].cpu()  # [N, T, d]
         steps = len(self.encoder_blocks(ctx.info))
         if ctx.stage == 0:
-            ctx.state["schedule"], ctx.state["sizes"] = {}, [torch.ones(keys.shape[1]) for _ in range(layout.batch_size)]
+            ctx.state["schedule"] = {}  # image -> r per step
+            ctx.state["sizes"] = [torch.ones(keys.shape[1]) for _ in range(layout.batch_size)]  # per image [T]
         keep, order, merges, sizes = [], [], [], []
         for b in range(layout.batch_size):
-            (span,) = layout.spans[b]
-            if span.start != cls or layout.seq_len != cls + span.length:
+            span = layout.spans[b][0] if len(layout.spans[b]) == 1 else None
+            if span is None or span.start != cls or layout.seq_len != cls + span.length:
                 raise VTPruneError("tome inside the encoder needs the sequence [CLS] + one image's tokens")
             if span.image not in ctx.state["schedule"]:
                 patches = span.length
