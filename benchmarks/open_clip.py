@@ -124,7 +124,10 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[49, 98, 147], help="patches kept per image")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     online = hub_reachable()
     if not online:  # cached weights still load; missing ones fail at once instead of after retries
