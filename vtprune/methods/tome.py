@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import (
-    KeepPlan, Merge, Method, ModelInfo, ProjectorInput, SiteContext, VisionKeys, VTPruneError, keep_count, register,
+    KeepPlan, Merge, Method, ModelInfo, ProjectorInput, SiteContext, VisionKeys, VTPruneError, keep_all, keep_count,
+    register,
 )
 
 
@@ -135,6 +136,8 @@ class ToMe(Method):
         return [VisionKeys(layer=info.vision_feature_layer), ProjectorInput()]
 
     def plan(self, ctx: SiteContext) -> KeepPlan:
+        if isinstance(self.keep, float) and self.keep >= 1.0:  # nothing merges, on any layout: exactly dense
+            return keep_all(ctx.layout)
         if ctx.site == "encoder":
             return self._encoder_plan(ctx)
         return self._tower_output_plan(ctx)
@@ -183,7 +186,7 @@ class ToMe(Method):
                 extra = int((patch < 0).sum())  # [CLS] in the layout ("full" feature selection) stays, unmerged
                 if span.view is not None or not torch.equal(patch[extra:], torch.arange(patches)) or extra > cls:
                     raise VTPruneError(
-                        f"tome before the language model runs on single-grid images (LLaVA-1.5): image {span.image} "
+                        f"tome runs on single-grid images (LLaVA-1.5) before the language model: image {span.image} "
                         "is not one encoder input with every patch in raster order (anyres tiles and video frames "
                         "are not supported yet)"
                     )
