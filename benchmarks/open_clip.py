@@ -4,10 +4,12 @@
     python benchmarks/open_clip.py --pretrained none --blocks 5 --budgets 98 --repeats 1   # quick, random weights
     python benchmarks/open_clip.py --model ViT-B-32 --pretrained laion2b_s34b_b79k
 
-For each method, cut block k (the cut sits after block k, 0-based) and budget K (patches kept per image):
+For each method, cut block k (the cut sits after block k, 0-based) and budget K (patches kept per image); ToMe merges
+after every block but the last instead (an even schedule down to K), one row per budget:
 - time / dense: `encode_image` with the method attached (attaching included) / dense on the same batch, timed in
   alternating pairs after one warm-up pair; the median of the per-pair ratios (robust to a shared, drifting CPU);
-- FLOPs / dense: the encoder's matmul FLOPs with blocks k+1.. on 1 + K tokens / dense (what the time could reach);
+- FLOPs / dense: the encoder's matmul FLOPs for the tokens entering each block (blocks k+1.. on 1 + K tokens after a
+  single cut) / dense: what the time could reach, its bound;
 - cosine: cosine similarity of each pruned image embedding to its dense one (mean and minimum over the images);
 - zero-shot agreement: share of images whose zero-shot class ("a photo of a red circle", ...) is the same pruned
   and dense; only with real weights (`--pretrained`, loaded as open_clip documents it).
@@ -34,7 +36,8 @@ import torch.nn.functional as F  # noqa: E402
 
 COLORS = {"red": (0.9, 0.12, 0.1), "green": (0.1, 0.7, 0.2), "blue": (0.15, 0.3, 0.9), "yellow": (0.95, 0.85, 0.1)}
 SHAPES = ("circle", "square", "triangle")
-METHODS = ("vtc-cls", "random", "pool")
+METHODS = ("vtc-cls", "random", "pool", "tome")
+EVERY_BLOCK = {"tome"}  # merge after every block but the last: no --blocks
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -121,7 +124,10 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[49, 98, 147], help="patches kept per image")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     online = hub_reachable()
     if not online:  # cached weights still load; missing ones fail at once instead of after retries
@@ -175,26 +181,40 @@ def main() -> None:
     print("| method | cut after block | kept | time / dense | FLOPs / dense | cosine mean | cosine min | zero-shot agreement |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     dense_flops = encoder_flops([1 + patches] * n_blocks, width, mlp_ratio)
+
+    def row(name: str, where: str, method: Any) -> None:
+        def run_pruned() -> torch.Tensor:
+            with method(model):
+                return model.encode_image(pixels)
+
+        entering: list[int] = []  # tokens per image entering each block
+
+        def count(module: torch.nn.Module, inputs: tuple) -> None:
+            entering.append(inputs[0].shape[1 if tower.transformer.batch_first else 0])
+
+        handles = [block.register_forward_pre_hook(count) for block in tower.transformer.resblocks]
+        with method(model) as trace:
+            embedding = model.encode_image(pixels)
+        for handle in handles:
+            handle.remove()
+        kept = trace.visual_tokens()[0][1]
+        ratio = paired_ratio(run_dense, run_pruned, args.repeats)
+        flops = encoder_flops(entering, width, mlp_ratio)
+        cosine = F.cosine_similarity(embedding, dense_embedding, dim=-1)
+        agreement = "n/a"
+        if text_features is not None:
+            agreement = f"{(zero_shot(embedding) == zero_shot(dense_embedding)).float().mean():.0%}"
+        print(f"| {name} | {where} | {kept} | {ratio:.3f} | {flops / dense_flops:.3f} | "
+              f"{cosine.mean():.4f} | {cosine.min():.4f} | {agreement} |", flush=True)
+
     for block in args.blocks:
         for keep in args.budgets:
             for name in args.methods:
-                method = vtprune.make(name, keep=keep, encoder_block=block)
-
-                def run_pruned() -> torch.Tensor:
-                    with method(model):
-                        return model.encode_image(pixels)
-
-                with method(model) as trace:
-                    embedding = model.encode_image(pixels)
-                kept = trace.visual_tokens()[0][1]
-                ratio = paired_ratio(run_dense, run_pruned, args.repeats)
-                flops = encoder_flops([1 + patches] * (block + 1) + [1 + kept] * (n_blocks - block - 1), width, mlp_ratio)
-                cosine = F.cosine_similarity(embedding, dense_embedding, dim=-1)
-                agreement = "n/a"
-                if text_features is not None:
-                    agreement = f"{(zero_shot(embedding) == zero_shot(dense_embedding)).float().mean():.0%}"
-                print(f"| {name} | {block} | {kept} | {ratio:.3f} | {flops / dense_flops:.3f} | "
-                      f"{cosine.mean():.4f} | {cosine.min():.4f} | {agreement} |", flush=True)
+                if name not in EVERY_BLOCK:
+                    row(name, str(block), vtprune.make(name, keep=keep, encoder_block=block))
+    for name in [n for n in args.methods if n in EVERY_BLOCK]:
+        for keep in args.budgets:
+            row(name, f"every, 0..{n_blocks - 2}", vtprune.make(name, keep=keep))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ REFUSED = {  # method -> (options, the reason in its error when the session open
     "holov": ({}, r"\[CLS\] token"),
     "hiprune": ({"object_layer": 0}, "signal VisionAttention, which the idefics3 adapter cannot provide"),
     "vflowopt": ({"llm_layers": (1, 2)}, "signal VisionAttention, which the idefics3 adapter cannot provide"),
+    "tome": ({}, "VisionKeys"),
 }
 STEPS = 3
 CROPS = [5, 5, 5]  # per image: 2×2 crops and the global image

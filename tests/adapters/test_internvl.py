@@ -54,6 +54,7 @@ REFUSED = {  # method -> (options, the reason in its error when the session open
     "scope": ({}, "signal ProjectorInput, which the internvl adapter cannot provide"),
     "hiprune": ({"object_layer": 0}, "signal VisionAttention, which the internvl adapter cannot provide"),
     "vflowopt": ({"llm_layers": (1, 2)}, "signal VisionAttention, which the internvl adapter cannot provide"),
+    "tome": ({}, "signal VisionKeys, which the internvl adapter cannot provide"),
 }
 STEPS = 3
 

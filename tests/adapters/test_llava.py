@@ -33,6 +33,7 @@ KEEP_ALL = {
     "scissorhands": dict(keep=1.0),
     "a2sf": dict(keep=1.0),
     "ems": dict(keep=1.0),
+    "tome": dict(keep=1.0),
 }
 NOT_ON_LLAVA: set[str] = set()  # methods the LLaVA adapter refuses
 

@@ -15,6 +15,7 @@ BUILDERS = {"next": build_tiny_llava_next, "onevision": build_tiny_onevision, "n
 NOT_ON_ANYRES = {  # methods these adapters refuse, and why
     "vispruner": "reads its [CLS] attention and features by image number: no tiles, no frames yet",
     "hiprune": "the official LLaVA-NeXT path uses a layout without unpadding or row ends: no tiles, no frames",
+    "tome": "merges one encoder input per image before the projector: no tiles, no frames yet",
 }
 # grids differ here: pool keeps every cell with a ratio
 KEEP_EVERY_TOKEN = {

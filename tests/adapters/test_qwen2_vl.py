@@ -39,6 +39,7 @@ NOT_ON_QWEN = {
     "vflowopt": "the adapter does not provide VisionAttention (spec §9: last full-attention block, 2x2 merger groups)",
     "spatten": "the adapter does not provide ReceivedAttention yet",
     "hiprune": "the adapter does not provide VisionAttention (official Qwen2.5-VL variant: its windowed ViT)",
+    "tome": "the adapter does not provide VisionKeys (the merger's 2x2 groups would need pooled keys)",
 }
 
 

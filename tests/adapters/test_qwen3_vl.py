@@ -47,6 +47,7 @@ REFUSED = {  # method -> (options, the reason in its error)
     "holov": ({}, r"\[CLS\] token"),
     "vflowopt": ({"llm_layers": (1, 2)}, "VisionAttention"),
     "hiprune": ({"object_layer": 0}, "VisionAttention"),
+    "tome": ({}, "VisionKeys"),
 }
 STEPS = 3
 

@@ -44,11 +44,11 @@ def compacted_sequences(batch, embeds, visual):
     return out
 
 
-def generate_compacted(model, batch, visual, steps):
+def generate_compacted(model, batch, visual, steps, embeds=None):
     """Greedy decoding of the language model on the hand-compacted, left-padded batch: (tokens [B, steps], logits
-    [B, steps, V])."""
+    [B, steps, V]). `embeds`: the [B, L, D] input embeddings to compact (None: the dense ones, `image_embeddings`)."""
     with torch.no_grad():
-        sequences = compacted_sequences(batch, image_embeddings(model, batch), visual)
+        sequences = compacted_sequences(batch, image_embeddings(model, batch) if embeds is None else embeds, visual)
         batch_size, length = len(sequences), max(len(s) for s in sequences)
         x = torch.zeros(batch_size, length, sequences[0].shape[-1])
         mask = torch.zeros(batch_size, length, dtype=torch.long)

@@ -48,6 +48,10 @@ class KeepPlan:
     # per sample: the kept ordinals in the order their contents take in the new sequence (None: ascending). The
     # contents of kept slots are permuted within each image; positions belong to the slots.
     order: list[Tensor] | None = None
+    # encoder site, per sample: [K] float, how many original tokens each kept token stands for, aligned with
+    # `sequence_order(sample)`. Given, the encoder's later blocks attend proportionally to size (ToMe: log(size) added
+    # to every key's attention logits) until a later cut's plan says otherwise; None: plain attention.
+    sizes: list[Tensor] | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # anything the method reports for the trace
 
     def validate(self, layout: VisualLayout) -> None:
@@ -90,6 +94,11 @@ class KeepPlan:
             if sequence and (outside := _outside(sequence, n)) is not None:
                 slot = merges[which[outside]].slot
                 raise VTPruneError(f"merge into slot {slot} of sample {b} draws on ordinals outside 0..{n - 1}")
+        for b, sizes in enumerate(self.sizes or []):
+            if sizes.shape != self.keep[b].shape or not bool((sizes >= 1).all()):
+                raise VTPruneError(f"plan's sizes of sample {b} must be one value >= 1 per kept token")
+        if self.sizes is not None and len(self.sizes) != layout.batch_size:
+            raise VTPruneError(f"plan has sizes for {len(self.sizes)} samples, the batch has {layout.batch_size}")
         for b, order in enumerate(self.order or []):
             kept = self.keep[b].cpu()
             if not torch.equal(torch.sort(order.cpu()).values, kept):

@@ -2,11 +2,11 @@
 
 from . import (  # noqa: F401
     a2sf, cdpruner, dart, divprune, ems, fastv, gui_kv, hiprune, holov, pool, pyramiddrop, random_prune, scissorhands,
-    scope, spatten, streamingllm, transprune, vflowopt, vispruner, visionzip, vtc_cls, zipvl,
+    scope, spatten, streamingllm, tome, transprune, vflowopt, vispruner, visionzip, vtc_cls, zipvl,
 )
 
 __all__ = [
     "a2sf", "cdpruner", "dart", "divprune", "ems", "fastv", "gui_kv", "hiprune", "holov", "pool", "pyramiddrop",
-    "random_prune", "scissorhands", "scope", "spatten", "streamingllm", "transprune", "vflowopt", "vispruner",
+    "random_prune", "scissorhands", "scope", "spatten", "streamingllm", "tome", "transprune", "vflowopt", "vispruner",
     "visionzip", "vtc_cls", "zipvl",
 ]

@@ -394,6 +394,9 @@ class DecoderCutter:
         state = self.prefill
         with torch.no_grad(), stage("score"):
             plan = self.method.plan(ctx)
+        if plan.sizes is not None:
+            raise VTPruneError(f"method {self.method.name!r} asks for proportional attention (KeepPlan.sizes) at site "
+                               f"{ctx.site!r}; only the vision-encoder site ('encoder') applies it")
         with stage("compact"):
             # text stays, and as much padding as the longest sample needs; samples are left-padded to it again
             cut = compile_cut(plan, ctx.layout, padding=segment.mask2d == 0)
