@@ -33,6 +33,7 @@ FAMILIES = {
     "qwen3_vl": ["tests/models/qwen3_vl/test_modeling_qwen3_vl.py"],
     "qwen2_5_vl": ["tests/models/qwen2_5_vl/test_modeling_qwen2_5_vl.py"],
     "internvl": ["tests/models/internvl/test_modeling_internvl.py"],
+    "gemma3": ["tests/models/gemma3/test_modeling_gemma3.py"],
 }
 
 # Helpers the model test files import that the sdist does not ship (it holds only tests/test_*.py).
@@ -48,6 +49,7 @@ GIT_HELPERS = [
     "tests/utils/tiny_model_summary.json",  # read by tests/test_pipeline_mixin.py at import
     "tests/vlm_tester.py",
     "tests/multimodal_tester.py",
+    "tests/causal_lm_tester.py",  # the Gemma 3 tests' text-model tester
     "utils/test_module/__init__.py",  # tests/utils/test_configuration_utils.py imports test_module.custom_configuration
     "utils/test_module/custom_configuration.py",
     "utils/fetch_hub_objects_for_ci.py",  # tests/test_*_common.py import url_to_local_path from it

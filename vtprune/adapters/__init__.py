@@ -1,5 +1,16 @@
 """Adapters, one file per model family. Importing this package registers them."""
 
-from . import internvl, llava, llava_next, llava_next_video, llava_onevision, open_clip, qwen2_vl, qwen3_vl  # noqa: F401
+from . import (  # noqa: F401
+    gemma3,
+    internvl,
+    llava,
+    llava_next,
+    llava_next_video,
+    llava_onevision,
+    open_clip,
+    qwen2_vl,
+    qwen3_vl,
+)
 
-__all__ = ["internvl", "llava", "llava_next", "llava_next_video", "llava_onevision", "open_clip", "qwen2_vl", "qwen3_vl"]
+__all__ = ["gemma3", "internvl", "llava", "llava_next", "llava_next_video", "llava_onevision", "open_clip", "qwen2_vl",
+           "qwen3_vl"]
