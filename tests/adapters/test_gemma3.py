@@ -170,6 +170,15 @@ def test_keep_all_beam_search_reproduces_dense(model, batch):
             assert torch.equal(model.generate(**batch, **options), expected)
 
 
+def test_keep_all_without_a_cache_reproduces_dense(model, batch):
+    """generate(use_cache=False) runs every step as a prefill with token_type_ids (generate() extends them)."""
+    options = {"max_new_tokens": 2, "do_sample": False, "use_cache": False}
+    with torch.no_grad():
+        expected = model.generate(**batch, **options)
+        with vtprune.make("fastv", keep=1.0, layer=2)(model):
+            assert torch.equal(model.generate(**batch, **options), expected)
+
+
 def test_a_session_made_on_the_meta_device_runs_once_the_model_is_materialised(batch):
     from transformers import Gemma3ForConditionalGeneration
 
