@@ -78,18 +78,18 @@ class Gemma3Cutter(DecoderCutter):
         call = self.adapter.take_call()
         if isinstance(kwargs.get("attention_mask"), dict) and not is_static(cache_argument(kwargs)):
             kwargs = dict(kwargs, attention_mask=call.get("attention_mask"))
-        self.token_types = call.get("token_type_ids")
+        self.token_types = types = call.get("token_type_ids")
+        embeds = kwargs.get("inputs_embeds")
+        if types is not None and embeds is not None:  # (the model itself refuses types of another batch)
+            # as the model reads them: missing entries at the end are text, entries past the sequence are never read
+            length = embeds.shape[1]
+            self.token_types = F.pad(types, (0, max(length - types.shape[1], 0)))[:, :length]
         out = super()._on_language_model(module, args, kwargs)
         if self.prefill is None or self.token_types is None or out is None:
             return out
         args, kwargs = out
-        embeds, length = kwargs["inputs_embeds"], self.prefill.prompt_length
-        if self.token_types.dim() != 2 or self.token_types.shape[0] != embeds.shape[0]:
-            raise VTPruneError(f"token_type_ids of shape {tuple(self.token_types.shape)} do not fit a batch of "
-                               f"{embeds.shape[0]}; give one row per sample, one entry per token")
-        # as the model reads them: missing entries at the end are text, entries past the sequence are never read
-        self.token_types = F.pad(self.token_types, (0, max(length - self.token_types.shape[1], 0)))[:, :length]
-        kwargs["attention_mask"] = self._masks(embeds, kwargs["attention_mask"], kwargs["position_ids"])
+        kwargs["attention_mask"] = self._masks(kwargs["inputs_embeds"], kwargs["attention_mask"],
+                                               kwargs["position_ids"])
         return args, kwargs
 
     def _blocks(self, device: torch.device) -> Tensor:
