@@ -2,8 +2,9 @@
 projector, a Gemma 3 language model with sliding-window and global layers).
 
 Visual tokens. SigLIP encodes each image at its fixed size (896 px, 14 px patches: 64 × 64 patches); the projector
-average-pools them to `mm_tokens_per_image` tokens (16 × 16 = 256), row-major. In the prompt an image is one run of
-`<image_soft_token>`s between `<start_of_image>` and `<end_of_image>`. Pan and scan (the processor's
+average-pools them to a square grid of tokens (`mm_tokens_per_image`, 16 × 16 = 256; the grid is read off the
+pooling), row-major. In the prompt an image is one run of `<image_soft_token>`s between `<start_of_image>` and
+`<end_of_image>`. Pan and scan (the processor's
 `do_pan_and_scan`) adds crops of a wide or tall image: the original first, then each crop, every one its own encoder
 input and its own run between its own `<start_of_image>` / `<end_of_image>`, with text around them. From the model's
 inputs a crop cannot be told from an image, so every run is an image here: one span per encoder input (`image` =
@@ -138,9 +139,8 @@ class Gemma3Adapter(Adapter):
         self.inner = model.model
         self.language_model = self.inner.language_model
         self.image_token_id = config.image_token_id
-        self.side = self.inner.multi_modal_projector.tokens_per_side
-        if self.side * self.side != config.mm_tokens_per_image:
-            raise VTPruneError(f"mm_tokens_per_image={config.mm_tokens_per_image} is not a square grid of tokens")
+        projector = self.inner.multi_modal_projector
+        self.side = projector.patches_per_image // projector.kernel_size  # the side of its average pooling's output
         vision = config.vision_config
         depth = len(encoder_layers(self.inner.vision_tower))
         self._info = ModelInfo(
@@ -149,7 +149,7 @@ class Gemma3Adapter(Adapter):
             vision_layers=depth,
             vision_feature_layer=depth - 1,  # the projector reads the tower's last hidden state
             vision_has_cls=False,
-            patch_size=vision.patch_size * self.inner.multi_modal_projector.kernel_size,  # pixels per token side
+            patch_size=vision.patch_size * projector.kernel_size,  # pixels per token side
         )
         self.cutter = Gemma3Cutter(self, self.language_model)
         self._layout: VisualLayout | None = None
