@@ -13,6 +13,8 @@ import torch
 
 import vtprune
 from tests.adapters import idefics3_builders
+from tests.adapters.gemma3_builders import build_gemma3_processor, build_tiny_gemma3
+from tests.adapters.gemma3_builders import image_batch as gemma3_batch
 from tests.adapters.internvl_builders import build_internvl_processor, build_tiny_internvl, image_batch
 from tests.adapters.qwen3_builders import build_qwen3_processor, build_tiny_qwen3, video_batch
 from tests.adapters.qwen_builders import build_qwen_processor, build_tiny_qwen, two_screenshot_batch
@@ -57,6 +59,7 @@ FAMILIES = {  # column -> (model, inputs) builder
     "internvl (tiles)": lambda: (build_tiny_internvl(), image_batch(build_internvl_processor())),
     "idefics3 (crops)": lambda: (idefics3_builders.build_tiny_idefics3(),
                                  idefics3_builders.image_batch(idefics3_builders.build_idefics3_processor())),
+    "gemma3 (pan-and-scan crops)": lambda: (build_tiny_gemma3(), gemma3_batch(build_gemma3_processor())),
     "open_clip": lambda: (build_tiny_clip(), {"x": clip_images()}),
 }
 
@@ -112,7 +115,9 @@ SHORT = [  # (pattern in the error, what the docs cell says)
     (r"\[CLS\] token", "refused: no [CLS] in the tower"),
     (r"signal ProjectorInput", "refused: no per-view projector input yet"),
     (r"signal VisionAttention", "refused: no vision attention rows"),
-    (r"1-D RoPE", 'refused: M-RoPE; use `key_positions="original"`'),
+    (r"1-D RoPE.*M-RoPE", 'refused: M-RoPE; use `key_positions="original"`'),
+    (r"1-D RoPE.*RoPE per layer kind", 'refused: a RoPE per layer kind; use `key_positions="original"`'),
+    (r"site 'llm_attention', which the", "refused: no `llm_attention` site (causal sparse attention)"),
     (r"split into \d+ spans", "refused: an anyres image is several spans"),
     (r"runs on single-grid images", "refused: single-grid images only"),
 ]

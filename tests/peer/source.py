@@ -35,6 +35,7 @@ FAMILIES = {
     "internvl": ["tests/models/internvl/test_modeling_internvl.py"],
     "idefics3": ["tests/models/idefics3/test_modeling_idefics3.py"],
     "smolvlm": ["tests/models/smolvlm/test_modeling_smolvlm.py"],
+    "gemma3": ["tests/models/gemma3/test_modeling_gemma3.py"],
 }
 
 # Helpers the model test files import that the sdist does not ship (it holds only tests/test_*.py).
@@ -50,6 +51,7 @@ GIT_HELPERS = [
     "tests/utils/tiny_model_summary.json",  # read by tests/test_pipeline_mixin.py at import
     "tests/vlm_tester.py",
     "tests/multimodal_tester.py",
+    "tests/causal_lm_tester.py",  # the Gemma 3 tests' text-model tester
     "utils/test_module/__init__.py",  # tests/utils/test_configuration_utils.py imports test_module.custom_configuration
     "utils/test_module/custom_configuration.py",
     "utils/fetch_hub_objects_for_ci.py",  # tests/test_*_common.py import url_to_local_path from it

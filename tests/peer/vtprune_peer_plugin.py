@@ -122,8 +122,35 @@ def _apply_compat(rootdir: Path) -> None:
                 setattr(testing_utils, name, entry["value"])
 
 
+# Helpers the installed version's mixins import that neither the sdist nor the git revision ships: module -> names.
+# Only multi-process (distributed) tests call them; a stub that skips such a test lets the mixins import.
+MISSING_HELPERS = {
+    "distributed_testing_utils": ["_get_distributed_backend", "_get_distributed_device_type", "_get_rank_device",
+                                  "_set_rank_device", "_start_rank_processes", "run_distributed"],
+}
+
+
+def _stub_missing_helpers(rootdir: Path) -> None:
+    """`tests.<name>` stubs for the helpers of MISSING_HELPERS absent from the laid-out tree (see README.md)."""
+    import sys
+    import types
+
+    for name, functions in MISSING_HELPERS.items():
+        if (rootdir / "tests" / f"{name}.py").is_file():
+            continue
+        module = types.ModuleType(f"tests.{name}")
+
+        def unavailable(*args: Any, _name: str = name, **kwargs: Any) -> None:
+            pytest.skip(f"vtprune peer suite: tests/{_name}.py is not laid out (distributed tests only)")
+
+        for function in functions:
+            setattr(module, function, unavailable)
+        sys.modules[module.__name__] = module
+
+
 def pytest_configure(config: pytest.Config) -> None:
     _apply_compat(Path(str(config.rootpath)))
+    _stub_missing_helpers(Path(str(config.rootpath)))
     if METHOD != "dense":
         import vtprune
 

@@ -108,7 +108,7 @@ def extent_lost(rope: Tensor, layout: VisualLayout, keep: list[Tensor]) -> tuple
 class MRopeCutter(DecoderCutter):
     """DecoderCutter for M-RoPE positions [3, B, L] or, under generate(), [4, B, L] with the sequence index first."""
 
-    def rotary(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def rotary(self, hidden: Tensor, positions: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         return self.lm.rotary_emb(hidden, positions[-3:])
 
     @staticmethod

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import CacheLayerMixin, DynamicLayer, StaticLayer
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
 
 @dataclass
@@ -202,7 +202,10 @@ def pruned_layer(cache: Any, index: int, segment: Segment, first: bool) -> Segme
     """Make layer `index` of a transformers cache a layer of `segment` before the layer writes to it: a PrunedLayer in
     place of an empty DynamicLayer, a PrunedStaticLayer made from an empty StaticLayer.
 
-    Returns None (and changes nothing) for caches whose layers are neither (sliding, quantised, filled).
+    An empty sliding-window layer (`DynamicSlidingWindowLayer`) becomes a PrunedLayer as well: it then keeps every
+    entry instead of the last window, and the model's sliding-window mask (offsets taken from this layer) still limits
+    each query to the window, so it attends to exactly what the sliding layer would have kept. Returns None (and changes
+    nothing) for caches whose layers are none of these (quantised, offloaded, filled).
     """
     layers = getattr(cache, "layers", None)
     if layers is None or index >= len(layers):
@@ -212,7 +215,8 @@ def pruned_layer(cache: Any, index: int, segment: Segment, first: bool) -> Segme
         current.__class__ = PrunedStaticLayer
         current.segment, current.first = segment, first
         return current
-    if not (type(current) is DynamicLayer or isinstance(current, PrunedLayer)) or current.get_seq_length() > 0:
+    plain = type(current) in (DynamicLayer, DynamicSlidingWindowLayer) or isinstance(current, PrunedLayer)
+    if not plain or current.get_seq_length() > 0:
         return None
     layer = PrunedLayer(segment, first)
     layers[index] = layer

@@ -6,6 +6,8 @@ The language model is never forked. Forward pre-hooks on the language model and 
   entry becomes a `PrunedLayer` of its segment (see `cache.py`);
 - while decoding, give every layer a mask as long as its own cache and the positions its segment asks for, read from
   the cache itself, so beam search, assisted decoding and continuing from a returned cache keep them right.
+Layers after a cut get a mask and RoPE tables made once per segment and layer kind (`config.layer_types`: a
+sliding-window layer its windowed mask; `rotary` is told the layer, for models with a RoPE per kind).
 Under a StaticCache the layers become `PrunedStaticLayer`s (same logical lengths and mask offsets over a fixed buffer),
 the 2-D padding mask is read back from the 4-D mask generate() prepares (`padding_mask`), and the llm_attention site
 is refused (its compressed blocks do not fit a fixed buffer).
@@ -266,19 +268,14 @@ class DecoderCutter:
         hidden = kwarg(args, kwargs, "hidden_states", 0)
         segment = state.segment_at(index)
         if segment.start > 0:
-            kwargs = self._with_prepared(kwargs, state.prepared[segment.start])
+            kwargs = self._with_prepared(kwargs, self._prefill_prepared(segment, index, hidden, kwargs))
         for request in self.before_cut.get(index, []):
             state.signals[request] = self._layer_signal(request, module, hidden, kwargs, segment)
         if index in self.cuts:
             ctx = self.context("llm_layer", hidden, index, dict(state.signals))
             hidden, segment = self._cut(ctx, hidden, segment, start=index)
             state.segments.append(segment)
-            cache = cache_argument(kwargs)  # a static cache sizes the mask to its buffer (an empty layer: no offset)
-            state.prepared[index] = (
-                self._layer_mask(hidden, segment.mask2d, cache if is_static(cache) else None, segment.positions, index),
-                self.rotary(hidden, segment.positions),
-            )
-            kwargs = self._with_prepared(kwargs, state.prepared[index])
+            kwargs = self._with_prepared(kwargs, self._prefill_prepared(segment, index, hidden, kwargs))
             if args:
                 args = (hidden, *args[1:])
             else:
@@ -304,13 +301,31 @@ class DecoderCutter:
         segment = getattr(layer_cache, "segment", None)
         if segment is None or segment is getattr(first, "segment", None):
             return kwargs  # same as the language model's input: its mask and positions apply
-        memo = self.continuation.per_segment
-        if id(segment) not in memo:
+        memo, key = self.continuation.per_segment, (id(segment), self.layer_type(index))
+        if key not in memo:
             hidden = kwarg(args, kwargs, "hidden_states", 0)
             positions = self.shift(self.continuation.positions, segment.offset)
             mask = self._layer_mask(hidden, self._continuation_mask(segment), cache, positions, index)
-            memo[id(segment)] = (mask, self.rotary(hidden, positions))
-        return self._with_prepared(kwargs, memo[id(segment)])
+            memo[key] = (mask, self.rotary(hidden, positions, index))
+        return self._with_prepared(kwargs, memo[key])
+
+    def layer_type(self, layer: int) -> str | None:
+        """The attention kind of decoder layer `layer` ("full_attention", "sliding_attention", ...; None for models
+        without `layer_types`): layers of one kind in a segment share a mask and RoPE tables."""
+        layer_types = getattr(self.lm.config, "layer_types", None)
+        return layer_types[layer] if layer_types is not None else None
+
+    def _prefill_prepared(self, segment: Segment, index: int, hidden: Tensor, kwargs: dict) -> tuple[Any, Any]:
+        """(mask, RoPE) of layer `index` of a segment that starts after a cut, made once per segment and layer kind."""
+        state, key = self.prefill, (segment.start, self.layer_type(index))
+        if key not in state.prepared:
+            cache = cache_argument(kwargs)  # a static cache sizes the mask to its buffer (an empty layer: no offset)
+            cache = cache if is_static(cache) else None
+            state.prepared[key] = (
+                self._layer_mask(hidden, segment.mask2d, cache, segment.positions, index),
+                self.rotary(hidden, segment.positions, index),
+            )
+        return state.prepared[key]
 
     @staticmethod
     def _with_prepared(kwargs: dict, prepared: tuple[Any, Any]) -> dict:
@@ -322,8 +337,7 @@ class DecoderCutter:
         return kwargs
 
     def _layer_mask(self, hidden: Tensor, mask2d: Tensor, cache: Any, positions: Tensor | None, layer: int) -> Any:
-        layer_types = getattr(self.lm.config, "layer_types", None)
-        sliding = layer_types is not None and layer_types[layer] == "sliding_attention"
+        sliding = self.layer_type(layer) == "sliding_attention"
         build = create_sliding_window_causal_mask if sliding else create_causal_mask
         return build(
             config=self.lm.config,
@@ -477,7 +491,8 @@ class DecoderCutter:
         return dropped
 
     # ------------------------------------------------------------------------------------------ positions
-    def rotary(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def rotary(self, hidden: Tensor, positions: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        """The RoPE tables (cos, sin) decoder layer `layer` uses at `positions`."""
         return self.lm.rotary_emb(hidden, positions)
 
     @staticmethod

@@ -93,10 +93,16 @@ class EvictingSite:
             rotary = getattr(cutter.lm, "rotary_emb", None)
             config = cutter.lm.config
             rope = getattr(config, "rope_parameters", None) or {}
-            if rotary is None or "mrope_section" in rope or rope.get("rope_type", "default") != "default":
+            if getattr(rotary, "inv_freq", None) is None:  # no single frequency table: one RoPE per layer kind
+                scheme = "a RoPE per layer kind (sliding and global layers)"
+            elif "mrope_section" in rope or rope.get("rope_type", "default") != "default":
+                scheme = "another position scheme (M-RoPE or scaled RoPE)"
+            else:
+                scheme = None
+            if scheme is not None:
                 raise VTPruneError(
                     f"{self.method.name} key_positions='cache' re-rotates keys with plain 1-D RoPE; this language "
-                    "model uses another position scheme (M-RoPE or scaled RoPE): use key_positions='original'"
+                    f"model uses {scheme}: use key_positions='original'"
                 )
             self.inv_freq = rotary.inv_freq
         self._projected: dict[int, tuple] = {}  # layer -> (q_proj input, output) of the prefill, until its attention hook

@@ -25,7 +25,7 @@ class Prefill:
     stage: int = 0
     layer_input: Tensor | None = None  # the input of the decoder layer running now (kv_cache site)
     attention_transition: tuple[Tensor, Tensor] | None = None  # (ratio, cosine) of the attention module just run
-    prepared: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # segment start -> (layer mask, RoPE)
+    prepared: dict[tuple, tuple[Any, Any]] = field(default_factory=dict)  # (segment start, layer kind) -> (mask, RoPE)
     source: Tensor | None = None  # [B, L'] caller's position behind every slot after the cuts (labels.follow_cut)
     candidates: int = 0  # tokens after the prompt in this call (assisted decoding's candidates), last in every row
 
@@ -49,4 +49,4 @@ class Continuation:
 
     mask: Tensor  # [B, past + q] the caller's 2-D mask over the whole sequence
     positions: Tensor  # [B, q] or [P, B, q] the caller's positions of the new tokens
-    per_segment: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # id(segment) -> (layer mask, RoPE)
+    per_segment: dict[tuple, tuple[Any, Any]] = field(default_factory=dict)  # (id(segment), layer kind) -> (mask, RoPE)
