@@ -269,7 +269,7 @@ def test_a_sliding_window_cache_runs_dense_at_keep_all_and_is_refused_under_a_bu
         assert torch.equal(kept.sequences, dense.sequences)
         for got, want in zip(kept.logits, dense.logits):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-        with pytest.raises(VTPruneError, match="layer 1 holds DynamicSlidingWindowLayer: use the default cache"):
+        with pytest.raises(VTPruneError, match="layer 1 is a sliding-window layer: use keep=1.0"):
             with vtprune.make(name, keep=12, recent=2)(model):
                 model.generate(**batch, max_new_tokens=2, do_sample=False)
 

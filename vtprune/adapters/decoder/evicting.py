@@ -154,6 +154,12 @@ class EvictingSite:
                                                     len({span.image for span in layout.spans[b] if span.length})))
         if all(budget is None for budget in budgets):
             return  # keep-all: the layer stays the dense model's (any cache type, shapes, padding, crop, multi-token)
+        layer_types = getattr(self.cutter.lm.config, "layer_types", None)
+        if layer_types is not None and layer_types[attn.layer_idx] == "sliding_attention":
+            raise VTPruneError(
+                f"{self.method.name} keeps a budget in full-attention cache layers; layer {attn.layer_idx} is a "
+                "sliding-window layer: use keep=1.0 with this model"
+            )
         layer_cache = cache.layers[attn.layer_idx]
         if not isinstance(layer_cache, SegmentLayer):
             raise VTPruneError(
